@@ -1,0 +1,109 @@
+"""Every field heft reads, with its default. Presets start here and change what differs.
+
+A preset is `get_config()` in its own file: `base.get_config()` plus the fields that make it that
+model. Fields are documented in docs/config.md; the model's are checked by `heft.model.checks`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "base"
+
+    # Model: a decoder-only transformer (Llama-style defaults).
+    m = c.model = ml_collections.ConfigDict()
+    m.vocab = 8192
+    m.width = 256  # D, the residual stream
+    m.depth = 4  # L, number of blocks
+    m.heads = 4  # H, query heads
+    m.kv_heads = 4  # K, key/value heads: = heads for MHA, < heads for GQA, 1 for MQA
+    m.head_dim = config_dict.placeholder(int)  # None: width // heads
+    m.mlp_width = 1024  # F
+    m.max_len = 1024  # longest sequence (size of the learned position table; RoPE ignores it)
+    m.norm = "rmsnorm"  # rmsnorm | layernorm
+    m.norm_eps = 1e-5
+    m.activation = "swiglu"  # relu | gelu | swiglu | geglu
+    m.use_bias = False  # biases on every projection (GPT-2: True)
+    m.tied_embeddings = False  # the readout reuses the token embedding
+    m.positions = "rope"  # rope | learned
+    m.rope_theta = 10000.0
+    m.param_dtype = "float32"
+    m.compute_dtype = "float32"  # float32 | bfloat16: matmuls; softmax, norms and logits stay float32
+    m.init = "scaled_normal"  # fan-in-scaled truncated normal, residual outputs / sqrt(2 * depth)
+    m.init_scale = 1.0  # multiplies every matrix's fan-in-scaled std
+    # Token (and learned position) embedding std. 1.0 puts the residual stream at unit scale, so
+    # the depth-scaled blocks move it little at init; tied embeddings need a small one (GPT-2: 0.02).
+    m.embed_init_std = 1.0
+    m.scan_layers = True  # stacked blocks under a scan; False unrolls them (same parameters)
+    m.remat = "none"  # none | full | save_matmuls: what the backward pass keeps vs recomputes
+    m.document_mask = False  # attention stays inside a packed document (needs segment ids)
+
+    # Mesh: sizes of the data, fsdp and tensor axes; -1 fills the remaining devices.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    # Logical axis -> mesh axes (a name, a tuple of names, or None for replicated).
+    # One table for every parameter and activation; change the parallelism here, never in model/.
+    c.mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("length", None),
+        ("embed", "fsdp"),
+        ("vocab", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("mlp", "tensor"),
+        ("layers", None),
+        ("act_embed", None),
+        ("act_heads", "tensor"),
+        ("act_kv_heads", "tensor"),
+        ("act_mlp", "tensor"),
+        ("act_vocab", "tensor"),
+    )
+
+    # Data: the corpus, its tokenizer and the loader.
+    d = c.data = ml_collections.ConfigDict()
+    d.corpus = "embedded"  # "embedded" or a directory / glob of .txt, .jsonl (text field), .parquet
+    d.text_field = "text"  # the field holding a document in .jsonl and .parquet files
+    d.tokenizer = "bpe"  # bpe | unigram (sentencepiece); vocab size is model.vocab
+    d.heldout_fraction = 0.05  # the last documents, by this fraction, are the held-out split
+    d.cache_dir = ""  # where tokenizers and token stores live; "" means $HEFT_CACHE or ~/.cache/heft
+    d.workers = 2  # processes that tokenize in parallel
+    d.seed = 0  # shuffle order of packed sequences
+
+    # Training.
+    t = c.train = ml_collections.ConfigDict()
+    t.steps = 1000
+    t.batch_size = 8  # global, in sequences, over all processes
+    t.seq_len = 256
+    t.micro_batches = 1  # gradient accumulation: batch_size is split into this many
+    t.lr = 3e-3
+    t.min_lr_ratio = 0.1  # the schedule ends at lr * min_lr_ratio
+    t.schedule = "cosine"  # cosine | linear | constant, after warmup
+    t.warmup_steps = 100
+    t.b1 = 0.9
+    t.b2 = 0.95
+    t.eps = 1e-8
+    t.weight_decay = 0.1
+    t.decay_norms = False  # weight decay on norm scales
+    t.decay_biases = False
+    t.decay_embeddings = False
+    t.grad_clip = 1.0  # global-norm clip; 0 disables it
+    t.seed = 0  # parameter init
+    t.log_every = 10
+    t.eval_every = 100
+    t.eval_batches = 8
+    t.checkpoint_every = 500
+    t.on_nonfinite = "stop"  # stop | skip: what a NaN or Inf loss does
+    t.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 measures this machine's matmul peak
+
+    # Checkpoints (orbax).
+    k = c.checkpoint = ml_collections.ConfigDict()
+    k.keep = 3  # the newest this many
+    k.keep_every = 0  # and every this-many-th step forever (0: none)
+    k.async_save = True
+    k.verify = True  # check the manifest's hashes before restoring
+    return c

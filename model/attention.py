@@ -1,0 +1,76 @@
+"""Causal self-attention with grouped key/value heads (MHA, GQA or MQA by `model.kv_heads`).
+
+Projections are stored per head ([embed, heads, head_dim]) so the rules table can shard heads.
+Softmax runs in float32 inside `jax.nn.dot_product_attention`, which also repeats the kv heads.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from heft.model import init, precision
+from heft.model.axes import constrain
+from heft.model.checks import head_dim
+from heft.model.positions import rope
+
+
+class Attention(nnx.Module):
+    def __init__(self, m, rngs: nnx.Rngs):
+        self.m = m
+        D, H, K, Dh = m.width, m.heads, m.kv_heads, head_dim(m)
+        self.q = init.param(rngs, init.matrix(m, D), (D, H, Dh), ("embed", "heads", "head_dim"), m)
+        self.k = init.param(rngs, init.matrix(m, D), (D, K, Dh), ("embed", "kv_heads", "head_dim"), m)
+        self.v = init.param(rngs, init.matrix(m, D), (D, K, Dh), ("embed", "kv_heads", "head_dim"), m)
+        out = init.matrix(m, H * Dh, residual=True)
+        self.o = init.param(rngs, out, (H, Dh, D), ("heads", "head_dim", "embed"), m)
+        if m.use_bias:
+            self.q_bias = init.param(rngs, init.zeros, (H, Dh), ("heads", "head_dim"), m)
+            self.k_bias = init.param(rngs, init.zeros, (K, Dh), ("kv_heads", "head_dim"), m)
+            self.v_bias = init.param(rngs, init.zeros, (K, Dh), ("kv_heads", "head_dim"), m)
+            self.o_bias = init.param(rngs, init.zeros, (D,), ("embed",), m)
+
+    def _project(self, x, name):
+        """[batch, length, embed] -> [batch, length, heads, head_dim] for weight `name`."""
+        w = getattr(self, name)[...]
+        y = jnp.einsum("btd,dhk->bthk", x, precision.compute(w, self.m))
+        if self.m.use_bias:
+            y = y + precision.compute(getattr(self, name + "_bias")[...], self.m)
+        return y
+
+    def __call__(self, x, positions, segment_ids=None, cache=None):
+        """Attends causally within a sequence (and within a document when asked).
+
+        x: [batch, length, embed] in compute dtype; positions, segment_ids: [batch, length].
+        cache: None for training, or (keys, values, end) with keys/values
+          [batch, cache_len, kv_heads, head_dim] and end [batch] the number of filled slots; the new
+          keys are written at slots end..end+length and the updated cache is returned.
+        Returns ([batch, length, embed], cache).
+        """
+        m = self.m
+        q = constrain(self._project(x, "q"), "batch", "length", "act_heads", None)
+        k = constrain(self._project(x, "k"), "batch", "length", "act_kv_heads", None)
+        v = constrain(self._project(x, "v"), "batch", "length", "act_kv_heads", None)
+        if m.positions == "rope":
+            q, k = rope(q, positions, m.rope_theta), rope(k, positions, m.rope_theta)
+        if cache is None:
+            mask = None
+            if m.document_mask and segment_ids is not None:
+                same = segment_ids[:, :, None] == segment_ids[:, None, :]
+                mask = same[:, None, :, :]  # [batch, 1, length, length]
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+        else:
+            keys, values, end = cache
+            write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, 0))
+            keys = write(keys, k.astype(keys.dtype), end)
+            values = write(values, v.astype(values.dtype), end)
+            # Query t sees every filled slot at or before its own position.
+            slots = jnp.arange(keys.shape[1])
+            query_slot = end[:, None] + jnp.arange(x.shape[1])[None, :]  # [batch, length]
+            mask = slots[None, None, :] <= query_slot[:, :, None]  # [batch, length, cache_len]
+            y = jax.nn.dot_product_attention(q, precision.compute(keys, m),
+                                             precision.compute(values, m), mask=mask[:, None])
+            cache = (keys, values, end)
+        y = jnp.einsum("bthk,hkd->btd", y, precision.compute(self.o[...], m))
+        if m.use_bias:
+            y = y + precision.compute(self.o_bias[...], m)
+        return constrain(y, "batch", "length", "act_embed"), cache

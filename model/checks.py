@@ -1,0 +1,49 @@
+"""Errors a user can make in `config.model`, raised before anything is built or compiled."""
+
+NORMS = ("rmsnorm", "layernorm")
+ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
+POSITIONS = ("rope", "learned")
+DTYPES = ("float32", "bfloat16")
+REMAT = ("none", "full", "save_matmuls")
+
+
+class ConfigError(ValueError):
+    """A config field has a value heft cannot build; the message names the field and the fix."""
+
+
+def _one_of(m, field: str, allowed: tuple[str, ...]) -> None:
+    value = m[field]
+    if value not in allowed:
+        raise ConfigError(f"model.{field}={value!r} is unknown; choose one of {', '.join(allowed)}")
+
+
+def head_dim(m) -> int:
+    """The per-head width: `model.head_dim` if given, else width // heads."""
+    return m.head_dim if m.head_dim else m.width // m.heads
+
+
+def check_model(m) -> None:
+    """Raises ConfigError for the first problem in model config `m`."""
+    for field in ("vocab", "width", "depth", "heads", "kv_heads", "mlp_width", "max_len"):
+        if not isinstance(m[field], int) or m[field] < 1:
+            raise ConfigError(f"model.{field}={m[field]!r} must be a positive integer")
+    if not m.head_dim and m.width % m.heads:
+        raise ConfigError(
+            f"model.width={m.width} is not divisible by model.heads={m.heads}; "
+            "pick a width that is, or set model.head_dim"
+        )
+    if m.heads % m.kv_heads:
+        raise ConfigError(
+            f"model.heads={m.heads} is not divisible by model.kv_heads={m.kv_heads}; "
+            "kv_heads must divide heads (= heads for MHA, 1 for MQA)"
+        )
+    if m.positions == "rope" and head_dim(m) % 2:
+        raise ConfigError(f"head_dim={head_dim(m)} is odd; RoPE rotates pairs, so pick an even head_dim")
+    _one_of(m, "norm", NORMS)
+    _one_of(m, "activation", ACTIVATIONS)
+    _one_of(m, "positions", POSITIONS)
+    _one_of(m, "param_dtype", DTYPES)
+    _one_of(m, "compute_dtype", DTYPES)
+    _one_of(m, "remat", REMAT)
+    if m.init != "scaled_normal":
+        raise ConfigError(f"model.init={m.init!r} is unknown; choose scaled_normal")

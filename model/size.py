@@ -1,0 +1,139 @@
+"""`heft size`: what a config costs, from the abstract model (nothing is allocated).
+
+Parameters per component, bytes in each storage dtype, training memory (params, grads, Adam's two
+moments and an activation estimate) and training FLOPs per token.
+"""
+
+import json
+import math
+
+import jax
+from flax import nnx
+
+from heft.model import checks
+from heft.model.decoder import Decoder
+
+BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
+
+
+def abstract_params(m):
+    """The model's parameters as ShapeDtypeStructs, keyed by path: allocates nothing."""
+    model = nnx.eval_shape(lambda: Decoder(m, nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    flat = nnx.to_flat_state(state)
+    return {".".join(map(str, path)): var.get_value() for path, var in flat}
+
+
+def _component(path: str) -> str:
+    if path.startswith("blocks.attention_norm") or path.startswith("blocks.mlp_norm") or path.startswith("final_norm"):
+        return "norms"
+    for name in ("embed", "position_embed", "readout"):
+        if path == name:
+            return {"embed": "embedding", "position_embed": "positions", "readout": "readout"}[name]
+    return path.split(".")[1]  # blocks.attention.* -> attention, blocks.mlp.* -> mlp
+
+
+def activation_bytes_per_token(m, seq_len: int) -> float:
+    """Estimated bytes the backward pass keeps per token, over all layers, by remat policy.
+
+    Counts the tensors each block saves for its gradient: with no remat, norm inputs and outputs,
+    q/k/v, the float32 attention logits and probabilities (XLA attention keeps [heads, length] per
+    query), the MLP's pre- and post-activation; `save_matmuls` keeps the matmul outputs only;
+    `full` keeps each block's input. An estimate, good to ~30%; `heft plan` measures the real one.
+    """
+    c = 2 if m.compute_dtype == "bfloat16" else 4
+    D, F, H, K, Dh = m.width, m.mlp_width, m.heads, m.kv_heads, checks.head_dim(m)
+    gated = 2 if m.activation in ("swiglu", "geglu") else 1
+    if m.remat == "full":
+        per_layer = 4 * D
+    elif m.remat == "save_matmuls":
+        per_layer = c * ((H + 2 * K) * Dh + D + gated * F + D) + 4 * D
+    else:
+        per_layer = 4 * 4 * D + c * ((H + 2 * K) * Dh + H * Dh + (gated + 1) * F) + 2 * 4 * H * seq_len
+    return m.depth * per_layer + 2 * 4 * m.vocab  # plus float32 logits and their gradient
+
+
+def report(config, batch: int | None = None, seq_len: int | None = None) -> dict:
+    """Everything `heft size` prints, as a dict of plain numbers."""
+    m = config.model
+    checks.check_model(m)
+    batch = batch or config.train.batch_size
+    seq_len = seq_len or config.train.seq_len
+    params = abstract_params(m)
+    components: dict[str, int] = {}
+    for path, x in params.items():
+        components[_component(path)] = components.get(_component(path), 0) + math.prod(x.shape)
+    total = sum(components.values())
+    embedding = components.get("embedding", 0) + components.get("positions", 0)
+    # FLOPs: every non-embedding weight (and the readout, tied or not) is one multiply-add per token
+    # forward and two backward; attention's scores and mixing add 12 * L * T * d per token.
+    matmul_params = total - embedding + m.vocab * m.width * m.tied_embeddings
+    attn = 12 * m.depth * seq_len * m.heads * checks.head_dim(m)
+    pbytes = 4 if m.param_dtype == "float32" else 2
+    train_bytes = {
+        "params": total * pbytes,
+        "grads": total * pbytes,
+        "adam_moments": total * 4 * 2,
+        "activations": activation_bytes_per_token(m, seq_len) * batch * seq_len,
+    }
+    train_bytes["total"] = sum(train_bytes.values())
+    return {
+        "name": config.name,
+        "total_params": total,
+        "embedding_params": embedding,
+        "non_embedding_params": total - embedding,
+        "components": components,
+        "bytes": {k: total * v for k, v in BYTES.items()},
+        "batch": batch,
+        "seq_len": seq_len,
+        "remat": m.remat,
+        "training_bytes": train_bytes,
+        "flops_per_token": 6 * matmul_params + attn,
+        "flops_per_step": (6 * matmul_params + attn) * batch * seq_len,
+    }
+
+
+def _human(n: float, unit: str = "") -> str:
+    for step, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= step:
+            return f"{n / step:.2f} {prefix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def table(r: dict) -> str:
+    rows = [f"{r['name']}: {r['total_params']:,} parameters ({_human(r['total_params'])})",
+            f"  embedding       {r['embedding_params']:>16,}",
+            f"  non-embedding   {r['non_embedding_params']:>16,}"]
+    rows += [f"    {k:<13} {v:>16,}" for k, v in sorted(r["components"].items())]
+    rows.append("storage")
+    rows += [f"  {k:<15} {_gib(v):>16}" for k, v in r["bytes"].items()]
+    rows.append(f"training memory at batch {r['batch']} x length {r['seq_len']}, remat={r['remat']} "
+                "(all devices together)")
+    rows += [f"  {k:<15} {_gib(v):>16}" for k, v in r["training_bytes"].items()]
+    rows.append(f"training FLOPs    {_human(r['flops_per_token'], 'FLOP')} per token, "
+                f"{_human(r['flops_per_step'], 'FLOP')} per step")
+    return "\n".join(rows)
+
+
+def define_flags():
+    from absl import flags
+
+    from heft.launch.flags import define_config
+
+    define_config()
+    flags.DEFINE_integer("batch", None, "global batch in sequences (default: train.batch_size)")
+    flags.DEFINE_integer("seq_len", None, "sequence length (default: train.seq_len)")
+    flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
+
+
+def main(argv):
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    r = report(f.config, f.batch, f.seq_len)
+    print(json.dumps(r) if f.json else table(r))
