@@ -110,3 +110,20 @@ def init_cache(m, batch: int, cache_len: int, dtype=jnp.float32):
     """An empty KV cache: per layer keys/values [depth, batch, cache_len, kv_heads, head_dim]."""
     shape = (m.depth, batch, cache_len, m.kv_heads, checks.head_dim(m))
     return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((m.depth, batch), jnp.int32))
+
+
+def abstract(m):
+    """(graphdef, abstract state) of the model for config `m`: shapes only, nothing allocated."""
+    return nnx.split(nnx.eval_shape(lambda: Decoder(m, nnx.Rngs(0))))
+
+
+def init_params(m, seed: int) -> dict:
+    """Freshly initialized parameters as a nested dict of arrays (the form train/ and orbax keep)."""
+    return nnx.to_pure_dict(nnx.state(Decoder(m, nnx.Rngs(seed)), nnx.Param))
+
+
+def bind(m, params: dict) -> Decoder:
+    """The model for config `m` holding `params` (a nested dict of arrays); cheap under jit."""
+    graphdef, state = abstract(m)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from heft.model.checks import ConfigError
-from heft.model.decoder import Decoder
+from heft.model.decoder import Decoder, abstract, init_params
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -97,6 +97,32 @@ def param_shardings(abstract_state, mesh: Mesh, config):
     return jax.tree_util.tree_map_with_path(
         one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
+
+
+def param_dict_shardings(m, mesh: Mesh, config) -> dict:
+    """NamedShardings of the model's parameters as a nested dict (the form `init_params` returns)."""
+    _, abstract_state = abstract(m)
+    return nnx.to_pure_dict(param_shardings(abstract_state, mesh, config))
+
+
+def state_shardings(config, mesh: Mesh) -> dict:
+    """Shardings of the whole train state: Adam's moments are laid out like their parameters."""
+    import optax
+
+    from heft.train import optimizer
+
+    params = param_dict_shardings(config.model, mesh, config)
+    tx = optimizer.make(config.train)
+    abstract_params = jax.eval_shape(lambda: init_params(config.model, 0))
+    opt = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, abstract_params), params,
+        transform_non_params=lambda _: replicated(mesh),
+    )
+    return {"step": replicated(mesh), "params": params, "opt_state": opt}
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
 
 
 def check_batch(config, mesh: Mesh, batch_size: int) -> None:

@@ -1,0 +1,52 @@
+"""The optimizer: optax AdamW with a warmup-then-decay schedule, global-norm clipping and a
+weight-decay mask, all from `config.train`."""
+
+import optax
+from flax import traverse_util
+
+from heft.model.checks import ConfigError
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def schedule(t) -> optax.Schedule:
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine, linear or constant."""
+    if t.schedule not in SCHEDULES:
+        raise ConfigError(f"train.schedule={t.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+    end = t.lr * t.min_lr_ratio
+    warmup = optax.linear_schedule(0.0, t.lr, max(t.warmup_steps, 1))
+    rest = max(t.steps - t.warmup_steps, 1)
+    after = {
+        "cosine": optax.cosine_decay_schedule(t.lr, rest, alpha=t.min_lr_ratio),
+        "linear": optax.linear_schedule(t.lr, end, rest),
+        "constant": optax.constant_schedule(t.lr),
+    }[t.schedule]
+    return optax.join_schedules([warmup, after], [t.warmup_steps])
+
+
+def decays(path: tuple[str, ...], t) -> bool:
+    """Whether weight decay applies to the parameter at `path` (matrices always; the rest by config)."""
+    name = path[-1]
+    if path[-2:-1] and path[-2].endswith("norm"):
+        return t.decay_norms
+    if name.endswith("_bias"):
+        return t.decay_biases
+    if name in ("embed", "position_embed"):
+        return t.decay_embeddings
+    return True
+
+
+def decay_mask(params: dict, t) -> dict:
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({path: decays(path, t) for path in flat})
+
+
+def make(t) -> optax.GradientTransformation:
+    """AdamW over nested-dict parameters, clipped by global norm (`train.grad_clip`, 0 disables)."""
+    adamw = optax.adamw(
+        schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
+        mask=lambda params: decay_mask(params, t),
+    )
+    if t.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
+    return adamw

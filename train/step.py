@@ -1,0 +1,84 @@
+"""The train and eval steps: pure functions of (state, batch), jitted over the mesh by the loop.
+
+State is a dict {"step": int32[], "params": nested dict, "opt_state": optax state}: everything a
+resume needs besides the data loader's position, in one pytree that orbax saves whole.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from heft.model.decoder import bind, init_params
+from heft.train import optimizer
+
+
+def init_state(config) -> dict:
+    params = init_params(config.model, config.train.seed)
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": optimizer.make(config.train).init(params),
+    }
+
+
+def loss_sums(config, params, batch):
+    """(sum of weighted next-token losses, sum of weights) over a batch of [batch, length] arrays."""
+    model = bind(config.model, params)
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    weights = batch["weights"].astype(jnp.float32)
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def _split_micro(batch, n: int):
+    """[batch, ...] -> [n, batch // n, ...]: micro-batches taken as consecutive rows."""
+    return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+
+def gradients(config, params, batch):
+    """Mean loss and its gradient over the global batch, accumulated over `train.micro_batches`.
+
+    Accumulation is a scan inside the step rather than optax.MultiSteps: the step then consumes the
+    whole global batch in one call (one host round trip), and the mean is over all tokens of the
+    batch, so any micro-batch count gives the same update.
+    """
+    n = config.train.micro_batches
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(config, p, b), has_aux=True)
+    if n == 1:
+        (total, count), grads = grad_fn(params, batch)
+    else:
+        def body(carry, micro):
+            (total, count), grads = grad_fn(params, micro)
+            acc_total, acc_count, acc_grads = carry
+            return (acc_total + total, acc_count + count, jax.tree.map(jnp.add, acc_grads, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (total, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), _split_micro(batch, n))
+    count = jnp.maximum(count, 1.0)
+    return total / count, jax.tree.map(lambda g: g / count, grads)
+
+
+def train_step(config, state, batch):
+    """One optimizer update. Returns (new state, metrics); a non-finite loss or gradient leaves the
+    state as it was (the loop then stops or skips, by `train.on_nonfinite`)."""
+    tx = optimizer.make(config.train)
+    loss, grads = gradients(config, state["params"], batch)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    keep = {"step": state["step"] + 1, "params": state["params"], "opt_state": state["opt_state"]}
+    state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, keep)
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": optimizer.schedule(config.train)(state["step"] - 1),
+        "finite": finite,
+    }
+    return state, metrics
+
+
+def eval_step(config, params, batch):
+    """(sum of losses, sum of weights) on a held-out batch; the loop divides after summing batches."""
+    return loss_sums(config, params, batch)
