@@ -42,13 +42,19 @@ def main(argv: list[str] | None = None) -> None:
     from absl import app
 
     from heft.model.checks import ConfigError
+    from heft.train.manifest import CheckpointError
+
+    try:
+        from heft.data.errors import DataError
+    except ImportError:  # data/ not built yet
+        DataError = ConfigError
 
     try:
         # config_flags applies --config.FIELD overrides while flags are defined and parsed, so a
         # misspelt field surfaces here as ml_collections' KeyError / AttributeError.
         module.define_flags()
         app.run(module.main, argv=[f"heft {verb}"] + argv[2:])
-    except ConfigError as e:  # a user's mistake: one line, no trace
+    except (ConfigError, CheckpointError, DataError) as e:  # a user's mistake: one line, no trace
         sys.exit(f"heft {verb}: {e}")
     except (KeyError, AttributeError) as e:
         if "Did you mean" not in str(e) and not _is_override_error(e, argv):
