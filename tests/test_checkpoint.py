@@ -92,3 +92,31 @@ def test_params_only_checkpoint_is_smaller_and_loads_onto_another_mesh(tmp_path)
 def test_missing_checkpoint_is_one_clear_error(tmp_path):
     with pytest.raises(manifest.CheckpointError, match="does not exist"):
         checkpoint.load_params(str(tmp_path / "nope"))
+
+
+KILLED_MID_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_checkpoint import _config
+from heft.train import checkpoint, compiled, sharding
+c = _config()
+mesh = sharding.make_mesh(c)
+state = compiled.init_state(c, mesh)
+ckpt = checkpoint.Checkpointer({workdir!r}, c)
+ckpt.save(1, state, {{"consumed": 8}})
+ckpt.manager.wait_until_finished()
+ckpt.tick()
+state["step"] = state["step"] + 1
+ckpt.save(2, state, {{"consumed": 16}})  # async: returns while the save is still being written
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_process_killed_during_async_save_resumes_from_the_previous_step(tmp_path):
+    code = KILLED_MID_SAVE.format(tests=os.path.dirname(__file__), workdir=str(tmp_path))
+    r = subprocess.run(["python", "-c", code], capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr[-2000:]
+    c = _config()
+    state, data = checkpoint.Checkpointer(str(tmp_path), c).restore_latest(
+        compiled.abstract_state(c, sharding.make_mesh(c)))
+    assert int(state["step"]) == 0 and data == {"consumed": 8}
