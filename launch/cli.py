@@ -14,6 +14,7 @@ VERBS = {
     "eval": ("heft.eval.main", "held-out loss, perplexity and bits per byte of a checkpoint"),
     "generate": ("heft.eval.generate", "sample text from a checkpoint"),
     "verify": ("heft.train.verify", "check a checkpoint's manifest against its files"),
+    "export": ("heft.train.export", "write a parameters-only checkpoint for serving"),
     "plan": ("heft.launch.plan", "compile the train step for a TPU topology and predict fit and speed"),
     "convert": ("heft.convert.main", "import or export Hugging Face weights"),
 }

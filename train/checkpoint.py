@@ -148,17 +148,31 @@ def resolve(path: str) -> str:
     raise CheckpointError(f"{path} holds no complete checkpoint; train first or pass another directory")
 
 
-def load_params(directory: str, mesh=None, verify: bool = True, config_overrides=None):
+def serving_mesh(config):
+    """Parameters split over every device (fsdp), so any model that fits the devices loads."""
+    from heft.train import sharding
+
+    config = config.copy_and_resolve_references()
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    return sharding.make_mesh(config)
+
+
+def read_config(directory: str) -> ml_collections.ConfigDict:
+    """The config a checkpoint was saved with (from its manifest)."""
+    return config_from_json(json.dumps(manifest.read(resolve(directory))["config"]))
+
+
+def load_params(directory: str, mesh=None, verify: bool = True, config=None):
     """(config, params, tokenizer path or None) from any checkpoint, placed on `mesh` if given
-    (default: a mesh over all devices by the checkpoint's own config)."""
+    (default: `serving_mesh`). `config` replaces the checkpoint's own (e.g. with another mesh or
+    batch size); its model fields must match."""
     from heft.train import sharding
 
     directory = resolve(directory)
     facts = manifest.verify(directory) if verify else manifest.read(directory)
-    config = ml_collections.ConfigDict(facts["config"])
-    if config_overrides:
-        config.update(config_overrides)
-    mesh = mesh if mesh is not None else sharding.make_mesh(config)
+    if config is None:
+        config = config_from_json(json.dumps(facts["config"]))
+    mesh = mesh if mesh is not None else serving_mesh(config)
     shardings = sharding.param_dict_shardings(config.model, mesh, config)
     from heft.model.decoder import init_params
 

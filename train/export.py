@@ -1,0 +1,29 @@
+"""`heft export --checkpoint=WORKDIR --out=DIR`: a parameters-only checkpoint for serving.
+
+It holds the parameters (no optimizer state, a third of a train state's size under Adam), the
+config, the tokenizer and a manifest; `heft eval`, `heft generate` and `heft convert` read it.
+"""
+
+from absl import flags
+
+
+def define_flags():
+    flags.DEFINE_string("checkpoint", None, "a training checkpoint or workdir (its newest checkpoint)")
+    flags.DEFINE_string("out", None, "a new directory for the parameters-only checkpoint")
+    flags.DEFINE_bool("params_only", True, "write parameters only (the only form export writes)")
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    from heft.train import checkpoint
+    from heft.train.manifest import CheckpointError
+
+    if not f.checkpoint or not f.out:
+        raise CheckpointError("heft export needs --checkpoint=DIR and --out=NEW_DIR")
+    source = checkpoint.resolve(f.checkpoint)
+    config, params, tokenizer = checkpoint.load_params(source)
+    facts = checkpoint.manifest.read(source)
+    checkpoint.save_params(f.out, config, params, tokenizer, step=facts.get("step"),
+                           tokens_seen=facts.get("tokens_seen"), exported_from=source)
+    print(f"wrote parameters-only checkpoint {f.out} from {source}")
