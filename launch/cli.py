@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> None:
         # config_flags applies --config.FIELD overrides while flags are defined and parsed, so a
         # misspelt field surfaces here as ml_collections' KeyError / AttributeError.
         module.define_flags()
-        app.run(module.main, argv=[f"heft {verb}"] + argv[2:])
+        # Libraries (orbax above all) log every step of a save at INFO; show warnings and up
+        # unless the user asks for more with --verbosity.
+        quiet = [] if any(a.startswith(("--verbosity", "-v")) for a in argv[2:]) else ["--verbosity=-1"]
+        app.run(module.main, argv=[f"heft {verb}"] + quiet + argv[2:])
     except (ConfigError, CheckpointError, DataError) as e:  # a user's mistake: one line, no trace
         sys.exit(f"heft {verb}: {e}")
     except (KeyError, AttributeError) as e:

@@ -1,0 +1,128 @@
+"""The loop end to end on a tiny corpus: metrics, resume bit for bit, preemption, two processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from heft.configs import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _corpus(tmp_path):
+    """A small corpus of 60 documents of English-like text."""
+    rng = np.random.default_rng(0)
+    words = ("the king and queen of denmark walk in the garden while a ghost speaks of murder most foul "
+             "to be or not to be that is the question whether tis nobler in the mind to suffer").split()
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i in range(60):
+        text = "\n".join(" ".join(rng.choice(words, 12)) for _ in range(40))
+        (d / f"doc{i:03d}.txt").write_text(text)
+    return str(d)
+
+
+def _overrides(tmp_path, steps=10, **extra):
+    fields = {
+        "data.corpus": _corpus(tmp_path) if not (tmp_path / "corpus").exists() else str(tmp_path / "corpus"),
+        "data.cache_dir": str(tmp_path / "cache"), "model.vocab": 320, "model.width": 64, "model.depth": 2,
+        "model.heads": 4, "model.kv_heads": 2, "model.mlp_width": 128, "train.seq_len": 64,
+        "train.batch_size": 8, "train.steps": steps, "train.warmup_steps": 2, "train.log_every": 1,
+        "train.eval_every": 5, "train.eval_batches": 2, "train.checkpoint_every": 5,
+        "checkpoint.async_save": True, **extra,
+    }
+    return [f"--config.{k}={v}" for k, v in fields.items()]
+
+
+def _heft(args, env=None, **kw):
+    env = dict(os.environ, **(env or {}))
+    return subprocess.run(["heft", *args],
+                          capture_output=True, text=True, env=env, **kw)
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r for r in rows if "loss" in r}, [r for r in rows if "eval_loss" in r]
+
+
+def test_train_writes_metrics_and_resumes_bit_for_bit(tmp_path):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    r = _heft(["train", f"--workdir={straight}", *_overrides(tmp_path, steps=10)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "held-out loss" in r.stdout and "tokens/s" in r.stdout
+    rows, evals = _metrics(straight)
+    assert sorted(rows) == list(range(1, 11))
+    for key in ("loss", "tokens_per_s", "mfu", "grad_norm", "lr", "step_time_s", "memory_gb"):
+        assert np.isfinite(rows[10][key]), key
+    assert [e["step"] for e in evals] == [5, 10]
+
+    r = _heft(["train", f"--workdir={split}", *_overrides(tmp_path, steps=10), "--stop_after=5"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stopped at step 5" in r.stdout
+    r = _heft(["train", f"--workdir={split}", *_overrides(tmp_path, steps=10)])  # a new process
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from step 5" in r.stdout + r.stderr
+    resumed, _ = _metrics(split)
+    assert [resumed[s]["loss"] for s in range(1, 11)] == [rows[s]["loss"] for s in range(1, 11)]
+
+    from heft.train import checkpoint
+
+    _, a, _ = checkpoint.load_params(straight)
+    _, b, _ = checkpoint.load_params(split)
+    import jax
+
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+def test_sigterm_saves_at_the_current_step_and_exits_zero(tmp_path):
+    workdir = str(tmp_path / "run")
+    args = ["heft", "train", f"--workdir={workdir}",
+            *_overrides(tmp_path, steps=100000, **{"train.checkpoint_every": 100000, "train.eval_every": 100000})]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+                                          and len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped at step" in out
+    step = int(out.split("stopped at step ")[-1].split()[0])
+    steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    assert steps == [step]
+    assert _heft(["verify", workdir]).returncode == 0
+
+
+def test_nan_loss_stops_with_the_step_and_a_hint(tmp_path):
+    r = _heft(["train", f"--workdir={tmp_path / 'run'}", *_overrides(tmp_path, steps=5, **{"train.lr": 1e30})])
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("heft train: loss or gradient became NaN/Inf at step") and "train.lr" in last
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_losses_of_one(tmp_path):
+    """Two local processes (2 CPU devices each, gloo collectives) == one process with 4 devices."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = _overrides(tmp_path, steps=4, **{"train.eval_every": 100, "train.checkpoint_every": 100})
+    r = _heft(["train", f"--workdir={one}", *args],
+              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    port = 20000 + os.getpid() % 20000
+    procs = [subprocess.Popen(
+        ["heft", "train", f"--workdir={two}", *args, f"--coordinator=127.0.0.1:{port}",
+         "--num_processes=2", f"--process_id={i}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    a, _ = _metrics(one)
+    b, _ = _metrics(two)
+    np.testing.assert_allclose([b[s]["loss"] for s in range(1, 5)], [a[s]["loss"] for s in range(1, 5)], rtol=1e-5)

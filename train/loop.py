@@ -1,0 +1,195 @@
+"""The training loop: data in, jitted steps over the mesh, metrics, held-out loss, checkpoints.
+
+`train(config, workdir)` is what `heft train` runs and what tests call. Every process runs the same
+loop on its own slice of the batch; only process 0 writes metrics.
+"""
+
+import math
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from heft.data import loader as data_loader
+from heft.data import prepare as data_prepare
+from heft.model import checks, size
+from heft.train import checkpoint, compiled, metrics, peak, sharding
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def prepare_data(config):
+    """Process 0 prepares (tokenizer, token store; cached), then the others load what it wrote."""
+    if jax.process_index() == 0:
+        prepared = data_prepare.prepare(config)
+    multihost_utils.sync_global_devices("heft: data prepared")
+    if jax.process_index() != 0:
+        prepared = data_prepare.prepare(config)
+    return prepared
+
+
+def make_loader(config, prepared):
+    return data_loader.Loader(
+        prepared, split="train", seq_len=config.train.seq_len, global_batch=config.train.batch_size,
+        seed=config.data.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+
+
+def heldout_loss(config, mesh, eval_fn, params, prepared) -> float:
+    """Mean next-token loss over `train.eval_batches` fixed held-out batches."""
+    total = count = 0.0
+    batches = data_loader.heldout_batches(
+        prepared, config.train.seq_len, config.train.batch_size, config.train.eval_batches,
+        jax.process_index(), jax.process_count(),
+    )
+    for local in batches:
+        batch = data_loader.global_batch(local, sharding.batch_sharding(config, mesh))
+        loss_sum, weight_sum = eval_fn(params, batch)
+        total, count = total + float(loss_sum), count + float(weight_sum)
+    return total / max(count, 1.0)
+
+
+def check(config, mesh) -> None:
+    """Every error a user can cause in the config, raised before anything compiles."""
+    checks.check_model(config.model)
+    t = config.train
+    sharding.check_batch(config, mesh, t.batch_size)
+    if t.batch_size % t.micro_batches or (t.batch_size // t.micro_batches) % math.prod(
+        mesh.shape[a] for a in ("data", "fsdp")
+    ):
+        raise checks.ConfigError(
+            f"train.batch_size={t.batch_size} does not split into train.micro_batches={t.micro_batches} "
+            "micro-batches that each divide over the data and fsdp devices; change either"
+        )
+    if config.model.positions == "learned" and t.seq_len > config.model.max_len:
+        raise checks.ConfigError(
+            f"train.seq_len={t.seq_len} exceeds model.max_len={config.model.max_len}; raise max_len"
+        )
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise checks.ConfigError(f"train.on_nonfinite={t.on_nonfinite!r} is unknown; choose stop or skip")
+    sharding.param_dict_shardings(config.model, mesh, config)  # divisibility of every parameter
+
+
+def train(config, workdir: str, stop_requested=lambda step: False) -> dict:
+    """Trains `config` in `workdir` (resuming from its newest checkpoint); returns a summary dict.
+
+    `stop_requested(step)` is asked after every step; True saves a checkpoint there and returns
+    {"stopped_at": step} (a preemption signal, or a planned stop).
+    """
+    mesh = sharding.make_mesh(config)
+    check(config, mesh)
+    t = config.train
+    prepared = prepare_data(config)
+    loader = make_loader(config, prepared)
+    ckpt = checkpoint.Checkpointer(workdir, config, prepared)
+
+    abstract = compiled.abstract_state(config, mesh)
+    restored = ckpt.restore_latest(abstract)
+    if restored is None:
+        state = compiled.init_state(config, mesh)
+    else:
+        state, loader_state = restored
+        loader.restore(loader_state)
+    start = int(state["step"])
+
+    report = size.report(config, t.batch_size, t.seq_len)
+    flops_per_step = report["flops_per_step"]
+    tokens_per_step = t.batch_size * t.seq_len
+    peak_flops = peak.machine_peak(config)
+    batch_sharding = sharding.batch_sharding(config, mesh)
+
+    with sharding.activated(mesh, config):
+        compile_start = time.perf_counter()
+        step_fn = compiled.train_step(config, mesh).lower(abstract, compiled.abstract_batch(config, mesh)).compile()
+        compile_s = time.perf_counter() - compile_start
+        eval_fn = compiled.eval_step(config, mesh)
+
+    writer = metrics.Writer(workdir)
+    progress = metrics.Progress(t.steps, start)
+    if restored is not None:
+        progress.note(f"resumed from step {start} in {ckpt.directory}")
+    progress.note(f"{report['total_params']:,} parameters on mesh {dict(mesh.shape)}; "
+                  f"step compiled in {compile_s:.1f} s")
+
+    losses, eval_loss, skipped = [], None, 0
+    interval_start, interval_steps = time.perf_counter(), 0
+    step = start
+    last = {}
+    pending = None  # the previous step's metrics: checked one step late so dispatch stays ahead
+    while step < t.steps:
+        batch = data_loader.global_batch(loader.next(), batch_sharding)
+        state, step_metrics = step_fn(state, batch)
+        step += 1
+        interval_steps += 1
+        if pending is not None:
+            skipped += _check_finite(pending, t, progress)
+        pending = (step, step_metrics)
+        if step % t.log_every == 0 or step == t.steps:
+            skipped += _check_finite(pending, t, progress)
+            pending = None
+            values = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "finite"}
+            elapsed = time.perf_counter() - interval_start
+            step_time = elapsed / interval_steps
+            values.update(
+                tokens_per_s=tokens_per_step / step_time,
+                step_time_s=step_time,
+                mfu=flops_per_step / step_time / peak_flops,
+                memory_gb=metrics.memory_in_use_bytes() / 2**30,
+                tokens_seen=step * tokens_per_step,
+            )
+            losses.append(values["loss"])
+            writer.write(step, values)
+            progress.update(step, values)
+            last = values
+            interval_start, interval_steps = time.perf_counter(), 0
+        if step % t.eval_every == 0 or step == t.steps:
+            eval_loss = heldout_loss(config, mesh, eval_fn, state["params"], prepared)
+            writer.write(step, {"eval_loss": eval_loss})
+            progress.note(f"step {step}: held-out loss {eval_loss:.4f}")
+            interval_start, interval_steps = time.perf_counter(), 0  # eval time is not step time
+        saving = step % t.checkpoint_every == 0 or step == t.steps
+        if stop_requested(step) and step < t.steps:
+            ckpt.save(step, state, loader.state(), force=True)
+            ckpt.close()
+            progress.note(f"stopped at step {step}: checkpoint saved in {ckpt.directory}")
+            writer.close()
+            progress.close()
+            return {"stopped_at": step}
+        if saving:
+            ckpt.save(step, state, loader.state())
+        ckpt.tick()
+    if pending is not None:
+        skipped += _check_finite(pending, t, progress)
+    ckpt.close()
+    writer.close()
+    progress.close()
+    return {
+        "params": report["total_params"],
+        "steps": step,
+        "tokens_seen": step * tokens_per_step,
+        "train_loss": float(np.mean(losses[-3:])) if losses else None,
+        "eval_loss": eval_loss,
+        "tokens_per_s": last.get("tokens_per_s"),
+        "mfu": last.get("mfu"),
+        "compile_s": compile_s,
+        "skipped_steps": skipped,
+        "peak_flops": peak_flops,
+    }
+
+
+def _check_finite(pending, t, progress) -> int:
+    """0 if the step's loss was finite; else stops the run or counts a skipped step, by config."""
+    step, step_metrics = pending
+    if bool(step_metrics["finite"]):
+        return 0
+    if t.on_nonfinite == "stop":
+        raise NonFiniteLoss(
+            f"loss or gradient became NaN/Inf at step {step}; the update was not applied. Lower "
+            "train.lr, raise train.warmup_steps, keep train.grad_clip on, or set "
+            "train.on_nonfinite=skip to skip such steps"
+        )
+    progress.note(f"step {step}: non-finite loss, update skipped")
+    return 1
