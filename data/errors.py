@@ -1,0 +1,9 @@
+"""The one exception that a user's input can cause in `heft.data`."""
+
+
+class DataError(ValueError):
+    """A problem with the corpus or the data config, said in one line with its fix.
+
+    Raised before any slow work starts where possible, e.g.
+    `data.corpus='/x' does not exist; pass a directory or glob of .txt/.jsonl/.parquet files`.
+    """

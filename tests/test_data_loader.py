@@ -1,0 +1,248 @@
+"""The loader: deterministic shuffled packing, per-process slices of one stream, exact resume."""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from heft.configs import base
+from heft.data import loader, prepare
+from heft.data.errors import DataError
+
+L, B = 16, 8  # seq_len and global batch of these tests
+EOS = 3
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(Prepared, documents): 60 documents of 1 to ~1500 words, prepared with a 400-piece BPE."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(1)
+    words = ["".join(rng.choice("etaoinshrdlu") for _ in range(rng.randint(1, 7))) for _ in range(200)]
+    docs = [" ".join(rng.choices(words, k=rng.choice([1, 5, 12, 40, 200, 1500]))) for _ in range(60)]
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    c = base.get_config()
+    c.model.vocab = 400
+    c.data.corpus = str(root)
+    c.data.cache_dir = str(root / "cache")
+    c.data.workers = 1
+    c.data.heldout_fraction = 0.1
+    return prepare.prepare(c, progress=False), docs
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus):
+    return corpus[0]
+
+
+def take(ld, n):
+    return [ld.next() for _ in range(n)]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_batches_have_the_promised_keys_shapes_and_dtypes(prepared):
+    batch = loader.Loader(prepared, "train", L, B, seed=0, process_index=1, process_count=2).next()
+    assert sorted(batch) == sorted(["inputs", "targets", "segment_ids", "positions", "weights"])
+    for k, v in batch.items():
+        assert v.shape == (B // 2, L)
+        assert v.dtype == (np.float32 if k == "weights" else np.int32)
+
+
+def test_same_seed_gives_same_batches(prepared):
+    assert_same(take(loader.Loader(prepared, "train", L, B, seed=3), 30), take(loader.Loader(prepared, "train", L, B, seed=3), 30))
+
+
+def test_different_seeds_give_different_order(prepared):
+    a = take(loader.Loader(prepared, "train", L, B, seed=0), 5)
+    b = take(loader.Loader(prepared, "train", L, B, seed=1), 5)
+    assert not all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("processes", [2, 4, 8])
+def test_process_slices_together_are_exactly_one_process_stream(prepared, processes):
+    whole = take(loader.Loader(prepared, "train", L, B, seed=0), 40)
+    parts = [take(loader.Loader(prepared, "train", L, B, 0, p, processes), 40) for p in range(processes)]
+    joined = [{k: np.concatenate([parts[p][i][k] for p in range(processes)]) for k in whole[0]} for i in range(40)]
+    assert_same(joined, whole)
+
+
+def _all_rows(prepared, split="train"):
+    stream, _ = loader.split_stream(prepared, split)
+    n = (len(stream) - 1) // L
+    return stream, Counter(stream[r * L : (r + 1) * L].tobytes() for r in range(n))
+
+
+def test_each_epoch_visits_every_row_once_in_a_new_order(prepared):
+    stream, rows = _all_rows(prepared)
+    ld = loader.Loader(prepared, "train", L, 1, seed=0)
+    assert ld.rows_per_epoch == sum(rows.values())
+    epochs = [[ld.next()["inputs"][0].astype(stream.dtype).tobytes() for _ in range(ld.rows_per_epoch)] for _ in range(2)]
+    assert Counter(epochs[0]) == rows == Counter(epochs[1])
+    assert epochs[0] != epochs[1]
+    assert ld.epoch == 2
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 300])
+def test_state_saved_after_k_batches_resumes_on_batch_k_plus_1(prepared, k):
+    uninterrupted = take(loader.Loader(prepared, "train", L, B, seed=5), k + 3)
+    first = loader.Loader(prepared, "train", L, B, seed=5)
+    take(first, k)
+    state = json.loads(json.dumps(first.state()))
+    assert len(json.dumps(state)) < 200
+    resumed = loader.Loader(prepared, "train", L, B, seed=5)
+    resumed.restore(state)
+    assert_same(take(resumed, 3), uninterrupted[k:])
+
+
+def test_resume_with_a_different_process_count_continues_the_same_stream(prepared):
+    uninterrupted = take(loader.Loader(prepared, "train", L, B, seed=2), 13)
+    run1 = [loader.Loader(prepared, "train", L, B, 2, p, 2) for p in range(2)]
+    for ld in run1:
+        take(ld, 10)
+    assert run1[0].state() == run1[1].state()
+    run2 = [loader.Loader(prepared, "train", L, B, 2, p, 4) for p in range(4)]
+    for ld in run2:
+        ld.restore(run1[0].state())
+    parts = [take(ld, 3) for ld in run2]
+    joined = [{k: np.concatenate([parts[p][i][k] for p in range(4)]) for k in uninterrupted[0]} for i in range(3)]
+    assert_same(joined, uninterrupted[10:])
+
+
+def test_packing_fills_at_least_99_percent_of_token_slots(prepared):
+    batches = take(loader.Loader(prepared, "train", L, B, seed=0), 100)
+    filled = sum(b["weights"].sum() for b in batches) / (100 * B * L)
+    assert filled >= 0.99
+    assert all((b["segment_ids"] > 0).all() for b in batches)
+
+
+def test_segment_ids_and_positions_follow_document_boundaries(corpus):
+    prepared, docs = corpus
+    tok = prepared.tokenizer()
+    whole_docs = set(docs)
+    seen_whole = 0
+    long = 64  # rows long enough to hold the short documents whole
+    for b in take(loader.Loader(prepared, "train", long, B, seed=0), 100):
+        np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
+        for inputs, seg, pos in zip(b["inputs"], b["segment_ids"], b["positions"]):
+            # A document starts exactly where an EOS is: the segment id steps up and the position resets.
+            starts = inputs == EOS
+            expected_seg = np.cumsum(starts) + (0 if starts[0] else 1)
+            np.testing.assert_array_equal(seg, expected_seg)
+            for s in np.unique(seg):
+                where = np.flatnonzero(seg == s)
+                np.testing.assert_array_equal(pos[where], np.arange(len(where)))
+                ids = inputs[where]
+                if ids[0] == EOS and where[-1] < long - 1:  # a whole document inside the row
+                    assert tok.decode(ids[1:]) in whole_docs
+                    seen_whole += 1
+    assert seen_whole > 10
+
+
+def test_heldout_batches_are_fixed_and_cover_the_split_once(prepared):
+    stream, _ = loader.split_stream(prepared, "heldout")
+    n = loader.heldout_num_batches(prepared, L, B)
+    first = list(loader.heldout_batches(prepared, L, B))
+    assert len(first) == n
+    assert_same(first, list(loader.heldout_batches(prepared, L, B, n)))
+    real = np.concatenate([b["inputs"][b["weights"] > 0] for b in first])
+    np.testing.assert_array_equal(real, stream[:-1])
+    targets = np.concatenate([b["targets"][b["weights"] > 0] for b in first])
+    np.testing.assert_array_equal(targets, stream[1:])
+    pad = np.concatenate([b["segment_ids"][b["weights"] == 0] for b in first])
+    assert (pad == 0).all()
+    halves = [list(loader.heldout_batches(prepared, L, B, n, p, 2)) for p in range(2)]
+    joined = [{k: np.concatenate([halves[0][i][k], halves[1][i][k]]) for k in first[0]} for i in range(n)]
+    assert_same(joined, first)
+
+
+def test_heldout_batches_past_the_split_are_all_padding(prepared):
+    n = loader.heldout_num_batches(prepared, L, B)
+    extra = list(loader.heldout_batches(prepared, L, B, n + 2))[n:]
+    assert len(extra) == 2 and all(b["weights"].sum() == 0 for b in extra)
+
+
+def test_bad_loader_arguments_are_one_clear_error(prepared):
+    with pytest.raises(DataError, match="not divisible by the 3 processes"):
+        loader.Loader(prepared, "train", L, B, 0, 0, 3)
+    with pytest.raises(DataError, match="fewer than one sequence"):
+        loader.Loader(prepared, "heldout", 10**7, B)
+    with pytest.raises(DataError, match="split='test'"):
+        loader.Loader(prepared, "test", L, B)
+    ld = loader.Loader(prepared, "train", L, B, seed=0)
+    with pytest.raises(DataError, match="seed=1"):
+        ld.restore({**ld.state(), "seed": 1})
+
+
+def test_global_batch_lays_local_rows_out_on_the_mesh(prepared):
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()).reshape(-1), ("data",))
+    local = loader.Loader(prepared, "train", L, B, seed=0).next()
+    batch = loader.global_batch(local, NamedSharding(mesh, PartitionSpec("data", None)))
+    for k, v in local.items():
+        assert batch[k].shape == (B, L) and batch[k].dtype == v.dtype
+        assert len(batch[k].sharding.device_set) == len(jax.devices())
+        np.testing.assert_array_equal(np.asarray(batch[k]), v)
+
+
+_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax, numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from heft.data import loader
+    from heft.data.prepare import Prepared
+    port, pid, store, tok, meta = sys.argv[1:]
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))
+    prepared = Prepared(store, tok, json.loads(meta))
+    mesh = Mesh(np.array(jax.devices()).reshape(4), ("data",))
+    ld = loader.Loader(prepared, "train", 16, 8, 0, jax.process_index(), jax.process_count())
+    ld.next()
+    batch = loader.global_batch(ld.next(), NamedSharding(mesh, PartitionSpec("data", None)))
+    rows = multihost_utils.process_allgather(batch["inputs"], tiled=True)
+    if jax.process_index() == 0:
+        print("ROWS", json.dumps(np.asarray(rows).tolist()))
+    """
+)
+
+
+def test_global_batch_over_two_processes_holds_the_one_process_batch(prepared, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    args = [str(port), "PID", prepared.store_path, prepared.tokenizer_path, json.dumps(prepared.metadata)]
+    procs = [
+        subprocess.Popen([sys.executable, str(script)] + [a if a != "PID" else str(i) for a in args],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    [line] = [x for x in outs[0][0].splitlines() if x.startswith("ROWS ")]  # gloo also prints
+    rows = np.array(json.loads(line[5:]))
+    ld = loader.Loader(prepared, "train", L, B, seed=0)
+    ld.next()
+    expected = ld.next()["inputs"]
+    assert rows.shape == expected.shape
+    assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, expected.tolist()))

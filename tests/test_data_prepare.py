@@ -1,0 +1,170 @@
+"""`heft prepare`: the token store holds exactly the tokenizer's ids; a second run does nothing."""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from heft.configs import base
+from heft.data import prepare, store, tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_corpus(root: Path, seed: int = 0) -> list[str]:
+    """A small corpus of 40 documents (3 to 1500 words) in .txt and .jsonl files; returns them in corpus order."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("etaoinshrdlucmfw") for _ in range(rng.randint(1, 8))) for _ in range(300)]
+    docs = []
+    for i in range(40):
+        n = rng.choice([3, 20, 80, 300, 1500])
+        lines = [" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(max(1, n // 6))]
+        docs.append(f"doc {i}: " + "\n".join(lines) + rng.choice(["", "\n", " ünï ✓"]))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:25]))
+    for i, d in enumerate(docs[25:]):
+        (root / f"b{i:02d}.txt").write_text(d)
+    return docs
+
+
+def config_for(corpus: Path, cache: Path, vocab: int = 400, workers: int = 1):
+    c = base.get_config()
+    c.model.vocab = vocab
+    c.data.corpus = str(corpus)
+    c.data.cache_dir = str(cache)
+    c.data.workers = workers
+    c.data.heldout_fraction = 0.1
+    return c
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return root, write_corpus(root)
+
+
+def test_store_holds_each_document_led_by_eos_then_a_final_eos(corpus_dir, tmp_path):
+    root, docs = corpus_dir
+    p = prepare.prepare(config_for(root, tmp_path), progress=False)
+    tok = tokenizer.load(p.tokenizer_path)
+    expected = np.concatenate([np.r_[tok.eos_id, tok.encode(d)] for d in docs] + [[tok.eos_id]])
+    s = p.open()
+    np.testing.assert_array_equal(s.tokens(), expected)
+    lengths = [len(tok.encode(d)) + 1 for d in docs]
+    np.testing.assert_array_equal(s.doc_starts, np.r_[0, np.cumsum(lengths)])
+    m = p.metadata
+    assert (m["documents"], m["tokens"], m["text_tokens"]) == (40, len(expected), len(expected) - 41)
+    assert m["split"] == {"heldout_fraction": 0.1, "train_documents": 36, "heldout_documents": 4}
+    assert m["text_bytes"] == sum(len(d.encode()) for d in docs)
+    assert m["tokenizer"]["sha256"] == hashlib.sha256(Path(p.tokenizer_path).read_bytes()).hexdigest()
+    assert [(Path(x["path"]).name, x["sha256"]) for x in m["sources"]] == [
+        (f.name, hashlib.sha256(f.read_bytes()).hexdigest()) for f in sorted(root.iterdir())
+    ]
+    assert m["dtype"] == "uint16" and s.tokens().dtype == np.uint16
+
+
+def test_second_run_over_unchanged_inputs_does_nothing(corpus_dir, tmp_path):
+    root, _ = corpus_dir
+    first = prepare.prepare(config_for(root, tmp_path), progress=False)
+    stamps = {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*") if f.is_file()}
+    again = prepare.prepare(config_for(root, tmp_path), progress=False)
+    assert again.cached and not first.cached
+    assert again.store_path == first.store_path and again.metadata == first.metadata
+    assert {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*") if f.is_file()} == stamps
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)  # the same content elsewhere is the same corpus
+    assert prepare.prepare(config_for(moved, tmp_path), progress=False).store_path == first.store_path
+
+
+def test_changed_input_or_settings_prepare_again(corpus_dir, tmp_path):
+    root, docs = corpus_dir
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    first = prepare.prepare(config_for(copy, tmp_path / "cache"), progress=False)
+    (copy / "b00.txt").write_text(docs[25] + " changed")
+    changed = prepare.prepare(config_for(copy, tmp_path / "cache"), progress=False)
+    assert not changed.cached and changed.store_path != first.store_path
+    unigram = config_for(copy, tmp_path / "cache")
+    unigram.data.tokenizer = "unigram"
+    other = prepare.prepare(unigram, progress=False)
+    assert other.tokenizer_path != changed.tokenizer_path and other.metadata["tokenizer"]["kind"] == "unigram"
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # other tests imported JAX; the child never uses it
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_parallel_tokenization_writes_the_same_store_as_one_process(corpus_dir, tmp_path, monkeypatch, start_method):
+    root, _ = corpus_dir
+    monkeypatch.setattr(prepare, "_start_method", lambda: start_method)
+    monkeypatch.setattr(store, "CHUNK", 512)  # many chunks and flushes, even for a small corpus
+    one = prepare.prepare(config_for(root, tmp_path / "one", workers=1), progress=False)
+    two = prepare.prepare(config_for(root, tmp_path / "two", workers=2), progress=False)
+    # The model files differ only in the trainer's recorded thread count; the vocabularies agree.
+    tok1, tok2 = one.tokenizer(), two.tokenizer()
+    assert [tok1.piece(i) for i in range(400)] == [tok2.piece(i) for i in range(400)]
+    np.testing.assert_array_equal(one.open().tokens(), two.open().tokens())
+    np.testing.assert_array_equal(one.open().doc_starts, two.open().doc_starts)
+    assert len(list((Path(two.store_path) / "tokens" / "c").iterdir())) > 10
+
+
+def test_an_interrupted_write_leaves_no_store(corpus_dir, tmp_path, monkeypatch):
+    root, _ = corpus_dir
+
+    def fail(texts):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizer, "encode_documents", fail)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(config_for(root, tmp_path), progress=False)
+    assert list((tmp_path / "tokens").iterdir()) == []
+    monkeypatch.undo()
+    assert not prepare.prepare(config_for(root, tmp_path), progress=False).cached
+
+
+def test_a_store_made_by_another_tokenizer_is_rebuilt(corpus_dir, tmp_path):
+    root, docs = corpus_dir
+    first = prepare.prepare(config_for(root, tmp_path), progress=False)
+    meta_file = Path(first.store_path) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["tokenizer"]["sha256"] = "0" * 64  # as if the tokenizer file had been replaced since
+    meta_file.write_text(json.dumps(meta))
+    again = prepare.prepare(config_for(root, tmp_path), progress=False)
+    assert not again.cached and again.store_path == first.store_path
+    assert again.metadata["tokenizer"]["sha256"] == first.metadata["tokenizer"]["sha256"]
+    Path(first.tokenizer_path).unlink()  # retrained from the same inputs: the store is reused or rebuilt
+    third = prepare.prepare(config_for(root, tmp_path), progress=False)
+    tok = third.tokenizer()
+    np.testing.assert_array_equal(third.open().tokens(1, 1 + len(tok.encode(docs[0]))), tok.encode(docs[0]))
+
+
+def _heft(*args, cwd=REPO) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run(
+        ["heft", "prepare", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_cli_prepares_the_embedded_corpus_then_finds_it_prepared(tmp_path):
+    cache = f"--config.data.cache_dir={tmp_path}"
+    first = _heft("--config=configs/tiny.py", cache)
+    assert first.returncode == 0, first.stderr
+    assert "prepared: 217 documents (11 held out)" in first.stdout
+    assert len(list((tmp_path / "tokens").iterdir())) == 1
+    second = _heft("--config=configs/tiny.py", cache)
+    assert second.returncode == 0, second.stderr
+    assert "already prepared: 217 documents" in second.stdout
+
+
+def test_cli_reports_a_bad_corpus_in_one_line(tmp_path):
+    result = _heft(f"--config.data.corpus={tmp_path}/missing", f"--config.data.cache_dir={tmp_path}")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"heft prepare: data.corpus='{tmp_path}/missing' does not exist; "
+        "pass a directory or glob of .txt/.jsonl/.parquet files"
+    ]
