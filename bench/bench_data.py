@@ -20,7 +20,6 @@ import resource
 import shutil
 import tempfile
 import time
-from pathlib import Path
 
 from heft.configs import tiny
 from heft.data import prepare
@@ -111,7 +110,7 @@ def main() -> None:
           f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print("\n| what | seconds | MB of text / s | MB / CPU-second |\n| --- | --- | --- | --- |")
     for name, seconds, rate, per_cpu in prep:
-        print(f"| {name} | {seconds:.2f} | {rate:.2f} | {per_cpu:.2f} |")
+        print(f"| {name} | {seconds:.3f} | {rate:,.2f} | {per_cpu:,.2f} |")
     print("\n| what | ms / batch | tokens / s | x tiny training's need (20,480 tokens/s) |\n| --- | --- | --- | --- |")
     for name, seconds, rate in load_rows:
         print(f"| {name} | {seconds * 1e3:.3f} | {rate:,.0f} | {rate / TINY_CONSUMES:,.0f}x |")

@@ -210,17 +210,6 @@ def scan(files: list[str], text_field: str, hashes: list[str] | None = None, kee
     return sources, kept
 
 
-def content_hash(sources: list[Source], text_field: str) -> str:
-    """One hash of the corpus's content: file hashes in order (paths may move; content decides)."""
-    h = hashlib.sha256()
-    for s in sources:
-        field = text_field if _suffix(s.path) in (".jsonl", ".jsonl.xz", ".parquet") else ""
-        if s.path == str(embedded_path()):
-            field = "text"
-        h.update(f"{s.sha256} {field}\n".encode())
-    return h.hexdigest()
-
-
 def heldout_count(n_documents: int, fraction: float) -> int:
     """How many of the last documents are held out: ceil(fraction * n), at least one if fraction > 0."""
     if not 0.0 <= fraction < 1.0:
