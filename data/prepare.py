@@ -63,9 +63,13 @@ def cache_dir(configured: str) -> Path:
     return Path(os.path.expanduser(configured or os.environ.get("HEFT_CACHE") or "~/.cache/heft"))
 
 
-def _key(file_hashes: list[str], config) -> str:
+def _key(file_hashes: list[str], config, given_tokenizer: bytes | None = None) -> str:
     """Everything that determines the tokenizer and the token store, hashed."""
     d = config.data
+    if given_tokenizer is not None:  # a checkpoint's own tokenizer: its bytes decide the ids
+        fields = {"format": FORMAT, "files": file_hashes, "text_field": d.text_field,
+                  "heldout_fraction": float(d.heldout_fraction), "tokenizer_sha256": _sha256(given_tokenizer)}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
     fields = {
         "format": FORMAT,
         "files": file_hashes,  # content, in order; not paths, so a moved corpus stays cached
@@ -180,8 +184,11 @@ def _write_tokens(texts: Iterable[str], config, tok_path: Path, store_path: Path
     return writer
 
 
-def prepare(config, *, progress: bool = True) -> Prepared:
+def prepare(config, *, progress: bool = True, tokenizer_path: str | None = None) -> Prepared:
     """Makes sure the tokenizer and token store of `config.data` exist; returns where they are.
+
+    With `tokenizer_path` (a checkpoint's sentencepiece model) the corpus is tokenized with that
+    tokenizer instead of a newly trained one, e.g. to evaluate a checkpoint on another corpus.
 
     Idempotent: a second call over unchanged inputs hashes the corpus files and returns.
     Raises DataError for input a user can fix (see corpus.py and tokenizer.py).
@@ -193,7 +200,8 @@ def prepare(config, *, progress: bool = True) -> Prepared:
     corpus.heldout_count(2, d.heldout_fraction)  # checks the fraction's range before any work
     files = corpus.resolve(d.corpus)
     hashes = [corpus.file_sha256(f) for f in files]
-    key = _key(hashes, config)
+    given = Path(tokenizer_path).read_bytes() if tokenizer_path else None
+    key = _key(hashes, config, given)
     root = cache_dir(d.cache_dir)
     tok_path = root / "tokenizers" / f"{key}.model"
     store_path = root / "tokens" / key
@@ -203,6 +211,11 @@ def prepare(config, *, progress: bool = True) -> Prepared:
     sources, kept = corpus.scan(files, d.text_field, hashes, keep_bytes=KEEP_BYTES)
     n_docs = sum(s.documents for s in sources)
     n_heldout = corpus.heldout_count(n_docs, d.heldout_fraction)
+    if given is not None and not tok_path.is_file():
+        tok_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tok_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(given)
+        os.replace(tmp, tok_path)
     if not tok_path.is_file():
         # Trained on the training documents only, so held-out text is new to it too.
         _train_tokenizer(_documents(files, d.text_field, n_docs - n_heldout, kept), config, tok_path)

@@ -74,6 +74,17 @@ def test_train_writes_metrics_and_resumes_bit_for_bit(tmp_path):
 
     from heft.train import checkpoint
 
+    # Evaluation restores the 8-device checkpoint onto 1 device and onto a 2x2 mesh: same loss.
+    losses = []
+    for devices, mesh in [(1, "1,1,1"), (4, "1,2,2")]:
+        r = _heft(["eval", f"--checkpoint={straight}", f"--mesh={mesh}", "--json"],
+                  env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        result = json.loads(r.stdout.strip().splitlines()[-1])
+        assert result["bits_per_byte"] > 0 and result["perplexity"] > 1
+        losses.append(result["eval_loss"])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
     _, a, _ = checkpoint.load_params(straight)
     _, b, _ = checkpoint.load_params(split)
     import jax
