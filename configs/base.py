@@ -29,6 +29,13 @@ def get_config() -> ml_collections.ConfigDict:
     m.tied_embeddings = False  # the readout reuses the token embedding
     m.positions = "rope"  # rope | learned
     m.rope_theta = 10000.0
+    # Llama 3.1's long-context RoPE ("llama3"): wavelengths above original_max_len / low_freq_factor
+    # are stretched by rope_scaling_factor, below original_max_len / high_freq_factor kept, blended between.
+    m.rope_scaling = "none"  # none | llama3
+    m.rope_scaling_factor = 8.0
+    m.rope_low_freq_factor = 1.0
+    m.rope_high_freq_factor = 4.0
+    m.rope_original_max_len = 8192
     m.param_dtype = "float32"
     m.compute_dtype = "float32"  # float32 | bfloat16: matmuls; softmax, norms and logits stay float32
     m.init = "scaled_normal"  # fan-in-scaled truncated normal, residual outputs / sqrt(2 * depth)
@@ -73,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
     d.cache_dir = ""  # where tokenizers and token stores live; "" means $HEFT_CACHE or ~/.cache/heft
     d.workers = 2  # processes that tokenize in parallel
     d.seed = 0  # shuffle order of packed sequences
+    # The token that leads every document, and so every prompt: heft's token store leads each
+    # document with EOS; Llama tokenizers imported from Hugging Face lead with BOS.
+    d.document_start = "eos"  # eos | bos
 
     # Training.
     t = c.train = ml_collections.ConfigDict()

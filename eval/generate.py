@@ -213,9 +213,11 @@ def main(argv):
         raise CheckpointError(f"checkpoint {f.checkpoint} holds no tokenizer.model; generate needs "
                               "one to turn text into tokens (save the checkpoint with its tokenizer)")
     tok = tokenizers.load(tokenizer_path)
-    # As in training (data/store.py), a document is led by EOS and ends at the next EOS.
+    # As in training, a prompt is led by the token that leads every document (data.document_start:
+    # EOS in heft's token store, BOS for imported Llama tokenizers); it ends at the next EOS.
     eos_id = tok.eos_id
-    prompts = [[eos_id] + tok.encode(text) for text in f.prompt]
+    start_id = tok.bos_id if config.data.get("document_start", "eos") == "bos" else tok.eos_id
+    prompts = [[start_id] + tok.encode(text) for text in f.prompt]
     mesh = jax.tree.leaves(params)[0].sharding.mesh  # load_params placed them on it
     start = time.perf_counter()
     with sharding.activated(mesh, config):  # a batch that does not split evenly is padded by XLA

@@ -51,7 +51,7 @@ class Attention(nnx.Module):
         k = constrain(self._project(x, "k"), "batch", "length", "act_kv_heads", None)
         v = constrain(self._project(x, "v"), "batch", "length", "act_kv_heads", None)
         if m.positions == "rope":
-            q, k = rope(q, positions, m.rope_theta), rope(k, positions, m.rope_theta)
+            q, k = rope(q, positions, m), rope(k, positions, m)
         if cache is None:
             mask = None
             if m.document_mask and segment_ids is not None:

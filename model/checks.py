@@ -5,6 +5,7 @@ ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
 POSITIONS = ("rope", "learned")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "save_matmuls")
+ROPE_SCALINGS = ("none", "llama3")
 
 
 class ConfigError(ValueError):
@@ -45,5 +46,6 @@ def check_model(m) -> None:
     _one_of(m, "param_dtype", DTYPES)
     _one_of(m, "compute_dtype", DTYPES)
     _one_of(m, "remat", REMAT)
+    _one_of(m, "rope_scaling", ROPE_SCALINGS)
     if m.init != "scaled_normal":
         raise ConfigError(f"model.init={m.init!r} is unknown; choose scaled_normal")

@@ -166,8 +166,11 @@ def train(config, workdir: str, stop_requested=lambda step: False) -> dict:
     ckpt.close()
     writer.close()
     progress.close()
+    from heft.data.stats import unigram_cross_entropy
+
     return {
         "params": report["total_params"],
+        "unigram_loss": unigram_cross_entropy(prepared),
         "steps": step,
         "tokens_seen": step * tokens_per_step,
         "train_loss": float(np.mean(losses[-3:])) if losses else None,

@@ -23,7 +23,8 @@ def define_flags():
 
 def summary_text(s: dict) -> str:
     return (f"done: {s['params']:,} parameters, {s['steps']} steps, {s['tokens_seen']:,} tokens seen; "
-            f"train loss {s['train_loss']:.4f}, held-out loss {s['eval_loss']:.4f}; "
+            f"train loss {s['train_loss']:.4f}, held-out loss {s['eval_loss']:.4f} "
+            f"(unigram baseline {s['unigram_loss']:.4f}); "
             f"{s['tokens_per_s']:,.0f} tokens/s, MFU {100 * s['mfu']:.1f}% "
             f"(of {s['peak_flops'] / 1e9:,.0f} GFLOP/s peak)")
 

@@ -1,0 +1,256 @@
+"""Hugging Face folders <-> heft parameters: `import_hf` and `export_hf`.
+
+Import reads one tensor at a time and places each heft parameter straight into its shards: the
+unstacked ones with `jax.make_array_from_callback` (each device copies only its slice of the
+tensor), the [depth]-stacked block parameters by writing one layer at a time into a donated,
+already sharded array. Host memory beyond the placed model is about one checkpoint tensor
+(bench/RESULTS.md, "Hugging Face import").
+"""
+
+import json
+import os
+from functools import cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+from heft.convert import gpt2, llama, safetensors_io, tokenizer
+from heft.convert.errors import ConvertError
+from heft.model.checks import check_model
+from heft.model.decoder import Decoder
+
+FAMILIES = {family.MODEL_TYPE: family for family in (llama, gpt2)}
+
+
+# Which family, and the heft config.
+
+
+def read_config(hf_dir: str) -> dict:
+    if not os.path.isdir(hf_dir):
+        raise ConvertError(f"{hf_dir} is not a directory; pass the folder holding config.json and the weights")
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(path):
+        raise ConvertError(f"{hf_dir} has no config.json; pass a Hugging Face model folder")
+    with open(path) as f:
+        return json.load(f)
+
+
+def family_of(hf: dict):
+    """The family module (llama or gpt2) of a config.json, or a ConvertError naming what it is."""
+    model_type, architectures = hf.get("model_type"), hf.get("architectures") or []
+    family = FAMILIES.get(model_type)
+    if family is None or any(a != family.ARCHITECTURE for a in architectures):
+        supported = ", ".join(f"{f.ARCHITECTURE} (model_type {t!r})" for t, f in FAMILIES.items())
+        raise ConvertError(f"config.json describes architectures={architectures} with model_type={model_type!r}; "
+                           f"heft convert supports {supported} only")
+    return family
+
+
+def family_for(m):
+    """The family a heft model config can be saved as, or a ConvertError saying what differs."""
+    reasons = {}
+    for family in FAMILIES.values():
+        reasons[family.ARCHITECTURE] = family.unfit(m)
+        if not reasons[family.ARCHITECTURE]:
+            return family
+    detail = "; ".join(f"not {arch}: {', '.join(r)}" for arch, r in reasons.items())
+    raise ConvertError(f"this heft model has no Hugging Face counterpart ({detail}); export Llama- or GPT-2-shaped "
+                       "models")
+
+
+def heft_config(hf_dir: str, config_overrides: dict | None = None):
+    """The heft config of a folder's config.json, with dotted-field overrides
+    (e.g. {"model.param_dtype": "bfloat16"}) applied, and checked."""
+    hf = read_config(hf_dir)
+    config = family_of(hf).heft_config(hf)
+    config.update_from_flattened_dict(dict(config_overrides or {}))
+    config.train.seq_len = min(config.train.seq_len, config.model.max_len)
+    check_model(config.model)
+    return config
+
+
+# Parameters as {dotted path: array}, and the checks both directions share.
+
+
+def abstract_params(m) -> nnx.State:
+    """The model's parameters as an nnx.State of ShapeDtypeStructs (carrying logical axis names)."""
+    return nnx.state(nnx.eval_shape(lambda: Decoder(m, nnx.Rngs(0))), nnx.Param)
+
+
+def _flat(state) -> dict:
+    """An nnx.State or a nested dict of arrays -> {dotted path: array}."""
+    if isinstance(state, nnx.State):
+        state = nnx.to_pure_dict(state)
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {".".join(str(getattr(k, "key", k)) for k in path): x for path, x in leaves}
+
+
+def _nested(flat: dict) -> dict:
+    out = {}
+    for path, x in flat.items():
+        *parents, leaf = path.split(".")
+        d = out
+        for key in parents:
+            d = d.setdefault(key, {})
+        d[leaf] = x
+    return out
+
+
+def _check_plan(plan, expected: dict, family) -> None:
+    """The family's tensor table covers exactly the model's parameters (a guard on this code)."""
+    covered = {path for t in plan for path, _ in t.heft}
+    for path in sorted(set(expected) ^ covered):
+        side = "has no counterpart in" if path in expected else "is filled by"
+        raise ConvertError(f"heft parameter {path} {side} the {family.ARCHITECTURE} tensor table; "
+                           "this config cannot be converted")
+
+
+def _check_tensors(reader, plan, family, m, hf_dir: str) -> None:
+    """Every tensor config.json implies is stored, with its shape and a float dtype, and nothing
+    else is stored."""
+    wanted = {t.hf: t for t in plan}
+    for name, t in wanted.items():
+        if name not in reader.files:
+            raise ConvertError(f"{hf_dir} has no tensor {name}, which a {family.ARCHITECTURE} with this config.json "
+                               "needs; download every shard, or fix config.json to match the weights")
+        if reader.shape(name) != t.shape:
+            raise ConvertError(f"tensor {name} has shape {list(reader.shape(name))} but config.json implies "
+                               f"{list(t.shape)}; the weights and config.json disagree")
+        reader.check_float(name)
+    for name in reader.names():
+        if name not in wanted and not family.ignored(name, m):
+            raise ConvertError(f"{hf_dir} holds tensor {name}, which a {family.ARCHITECTURE} with this config.json "
+                               "does not have (importing would drop trained weights); check config.json")
+
+
+# Import.
+
+
+def _layer_sharding(sharding):
+    """The sharding of one layer of a [depth, ...] parameter: its spec without the first entry."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+    return sharding
+
+
+def _put(view: np.ndarray, sharding, dtype) -> jax.Array:
+    """Places a host array (often a transposed view) so that each device copies only its slice."""
+    return jax.make_array_from_callback(view.shape, sharding, lambda index: np.asarray(view[index], dtype=dtype))
+
+
+@cache
+def _zeros(shape: tuple, dtype, sharding):
+    """A jitted maker of a zero array created straight into its shards."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+@cache
+def _layer_writer(sharding):
+    # Donating the stacked array lets XLA write the layer in place: the parameter is never copied.
+    return jax.jit(lambda stacked, layer, i: jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0),
+                   out_shardings=sharding, donate_argnums=0)
+
+
+def import_hf(hf_dir: str, mesh=None, config_overrides: dict | None = None):
+    """Reads a Hugging Face Llama or GPT-2 folder (config.json + safetensors) into heft.
+
+    mesh: place each parameter into the shards `heft.train.sharding.param_shardings` gives on it;
+      None puts everything on the first device.
+    config_overrides: dotted config fields to set, e.g. {"model.param_dtype": "bfloat16"}
+      (parameters are float32 by default: bfloat16 weights widen exactly).
+    Returns (config, params): a heft ConfigDict and an nnx.State of nnx.Param shaped like
+    `nnx.state(Decoder(config.model, ...), nnx.Param)` (`nnx.to_pure_dict` gives the nested dict
+    `heft.train.checkpoint.save_params` takes).
+    Raises ConvertError for an unsupported architecture, a missing, unexpected or misshapen
+    tensor, and pickled weights, before any weight is read.
+    """
+    family = family_of(read_config(hf_dir))
+    config = heft_config(hf_dir, config_overrides)
+    m = config.model
+    reader = safetensors_io.Reader(hf_dir)
+    plan = family.tensors(m, reader.names())
+    abstract = abstract_params(m)
+    expected = _flat(abstract)  # dotted path -> ShapeDtypeStruct
+    _check_plan(plan, expected, family)
+    _check_tensors(reader, plan, family, m, hf_dir)
+
+    if mesh is None:
+        shardings = {path: SingleDeviceSharding(jax.devices()[0]) for path in expected}
+    else:
+        from heft.train.sharding import param_shardings
+
+        shardings = _flat(nnx.to_pure_dict(param_shardings(abstract, mesh, config)))
+    dtype = jnp.dtype(m.param_dtype)
+    arrays = {}
+    for t in sorted(plan, key=lambda t: reader.files[t.hf]):  # file by file: each read once, in order
+        w = reader.read(t.hf)
+        for (path, layer), view in zip(t.heft, t.to_heft(w)):
+            if layer is None:
+                arrays[path] = _put(view, shardings[path], dtype)
+                continue
+            if path not in arrays:
+                arrays[path] = _zeros(tuple(expected[path].shape), dtype, shardings[path])()
+            part = _put(view, _layer_sharding(shardings[path]), dtype)
+            arrays[path] = _layer_writer(shardings[path])(arrays[path], part, jnp.int32(layer))
+        del w
+    nnx.replace_by_pure_dict(abstract, _nested(arrays))
+    return config, abstract
+
+
+# Export.
+
+
+def export_hf(config, params, out_dir: str, max_shard_bytes: int = 2 * 1024**3, dtype: str | None = None,
+              tokenizer_path: str | None = None) -> list[str]:
+    """Writes heft parameters as a Hugging Face folder that transformers' from_pretrained loads.
+
+    params: an nnx.State of the model's parameters, or the same as a nested dict of arrays.
+    dtype: of the written tensors ("float32" or "bfloat16"); None keeps model.param_dtype.
+    tokenizer_path: a sentencepiece model, written as tokenizer.model with a LlamaTokenizer config;
+      its bos/eos ids go into config.json.
+    Tensors are gathered one shard file at a time: host memory beyond the model is one file
+    (at most `max_shard_bytes`, or one tensor if bigger). Returns the names of the files written.
+    """
+    m = config.model
+    family = family_for(m)
+    if os.path.isdir(out_dir) and any(f.endswith((".safetensors", ".json")) for f in os.listdir(out_dir)):
+        raise ConvertError(f"{out_dir} already holds a model; pick an empty or new folder")
+    flat = _flat(params)
+    plan = family.tensors(m)
+    _check_plan(plan, flat, family)
+    for path, want in _flat(abstract_params(m)).items():
+        if tuple(flat[path].shape) != tuple(want.shape):
+            raise ConvertError(f"parameter {path} has shape {list(flat[path].shape)} but the model config implies "
+                               f"{list(want.shape)}; export with the config the parameters were trained with")
+        if isinstance(flat[path], jax.Array) and not flat[path].is_fully_addressable:
+            raise ConvertError("export gathers each tensor in this process, but the parameters span several "
+                               "processes; run heft convert --to_hf in a single process")
+    os.makedirs(out_dir, exist_ok=True)
+    dtype = jnp.dtype(dtype or m.param_dtype)
+    by_name = {t.hf: t for t in plan}
+    sizes = {t.hf: int(np.prod(t.shape)) * dtype.itemsize for t in plan}
+    shards = safetensors_io.plan_shards(sizes, max_shard_bytes)
+    files = safetensors_io.shard_names(len(shards))
+    for file, names in zip(files, shards):
+        tensors = {}
+        for name in names:
+            t = by_name[name]
+            parts = [np.asarray(flat[path] if layer is None else flat[path][layer]) for path, layer in t.heft]
+            tensors[name] = np.ascontiguousarray(t.to_hf(*parts), dtype=dtype)
+        safetensors_io.write_shard(out_dir, file, tensors)
+        del tensors
+    written = list(files)
+    if len(files) > 1:
+        weight_map = {name: file for file, names in zip(files, shards) for name in names}
+        safetensors_io.write_index(out_dir, weight_map, sum(sizes.values()))
+        written.append(safetensors_io.INDEX)
+    bos, eos = tokenizer.special_ids(tokenizer_path)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(family.hf_config(m, dtype.name, bos, eos), f, indent=2)
+    written.append("config.json")
+    if tokenizer_path:
+        written += tokenizer.write(tokenizer_path, out_dir)
+    return written
