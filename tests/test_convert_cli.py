@@ -99,3 +99,34 @@ def test_heft_generate_on_an_imported_llama_prints_transformers_greedy_continuat
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split("\n" + "-" * 40)[0] == expected
+
+
+def test_tiny_model_trained_a_few_steps_exports_to_transformers_with_same_logits_and_greedy_ids(tmp_path):
+    import jax
+
+    from heft.configs import tiny
+    from heft.train import checkpoint, compiled, sharding
+    from test_convert import _heft_greedy, _heft_logits
+
+    config = tiny.get_config()
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
+    config.train.update(batch_size=4, seq_len=32, warmup_steps=1)
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    state = compiled.init_state(config, mesh)
+    with sharding.activated(mesh, config):
+        step = compiled.train_step(config, mesh)
+        for _ in range(3):
+            seq = rng.integers(0, config.model.vocab, (4, 33)).astype(np.int32)
+            batch = {"inputs": seq[:, :-1], "targets": seq[:, 1:], "segment_ids": np.ones((4, 32), np.int32),
+                     "positions": np.tile(np.arange(32, dtype=np.int32), (4, 1)), "weights": np.ones((4, 32), np.float32)}
+            state, metrics = step(state, batch)
+    assert int(state["step"]) == 3
+    params = jax.device_get(state["params"])
+    checkpoint.save_params(str(tmp_path / "trained"), config, params)
+    run_export(str(tmp_path / "trained"), str(tmp_path / "hf"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    tokens = rng.integers(0, config.model.vocab, (2, 24))
+    np.testing.assert_allclose(_hf_logits(model, tokens), _heft_logits(config, params, tokens), atol=ATOL, rtol=0)
+    prompt = rng.integers(0, config.model.vocab, (2, 8))
+    np.testing.assert_array_equal(_hf_greedy(model, prompt), _heft_greedy(config, params, prompt))
