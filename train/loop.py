@@ -73,6 +73,15 @@ def check(config, mesh) -> None:
     sharding.param_dict_shardings(config.model, mesh, config)  # divisibility of every parameter
 
 
+def fit_before_launch(config, mesh) -> None:
+    """On a TPU, compile the step first and stop with the plan's numbers if it cannot fit in HBM."""
+    from heft.launch import plan
+
+    p = plan.fit_check(config, mesh)
+    if not p.fits:
+        raise checks.ConfigError("this run does not fit in TPU memory:\n" + plan.table(p))
+
+
 def train(config, workdir: str, stop_requested=lambda step: False) -> dict:
     """Trains `config` in `workdir` (resuming from its newest checkpoint); returns a summary dict.
 
@@ -86,6 +95,8 @@ def train(config, workdir: str, stop_requested=lambda step: False) -> dict:
     loader = make_loader(config, prepared)
     ckpt = checkpoint.Checkpointer(workdir, config, prepared)
 
+    if jax.devices()[0].platform == "tpu":
+        fit_before_launch(config, mesh)
     abstract = compiled.abstract_state(config, mesh)
     restored = ckpt.restore_latest(abstract)
     if restored is None:

@@ -1,0 +1,140 @@
+"""`heft plan`: the real train step compiled for abstract TPU slices (needs the `tpu` extra).
+
+Parameter bytes are checked against the closed-form count, FLOPs against a batch doubled and against
+the same model unrolled (XLA's own count with no loops to miss), fit against HBM both ways.
+"""
+
+import functools
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("libtpu", reason="heft plan needs the tpu extra: pip install -e '.[tpu]'")
+
+from heft.configs import llama2_70b, tiny  # noqa: E402
+from heft.launch import plan, search, topology  # noqa: E402
+from heft.model import size  # noqa: E402
+from heft.model.checks import ConfigError  # noqa: E402
+
+GiB = 2**30
+
+
+def _tiny(**overrides):
+    c = tiny.get_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # every parameter has an embed axis: all split
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        c[section][field] = value
+    return c
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(topology_name: str, **overrides) -> plan.Plan:
+    """One compile per distinct (slice, overrides), shared by the tests that need it."""
+    c = _tiny(**overrides)
+    return plan.fit_check(c, plan.mesh_for(c, topology_name), topology_name)
+
+
+@pytest.mark.parametrize("topology_name, overrides, nbytes",
+                         [("v5e:2x2", {}, 4), ("v5p:2x2x2", {"model__param_dtype": "bfloat16"}, 2)])
+def test_tiny_compiles_and_parameter_bytes_per_chip_match_closed_form(topology_name, overrides, nbytes):
+    p = _plan(topology_name, **overrides)
+    chips = topology.parse(topology_name).chips
+    count = size.report(_tiny())["total_params"]
+    assert p.chips == chips and p.mesh == {"data": 1, "fsdp": chips, "tensor": 1}
+    assert p.params == pytest.approx(count * nbytes / chips, rel=0.01)
+    assert p.optimizer == pytest.approx(2 * count * nbytes / chips, rel=0.01)  # Adam's two moments
+    assert p.fits and p.params + p.optimizer <= p.total <= p.hbm
+    assert p.executable is not None and p.flops > 0 and p.bytes_accessed > 0 and 0 < p.mfu < 1
+
+
+def test_doubling_the_batch_doubles_flops_per_step():
+    one, two = _plan("v5e:2x2"), _plan("v5e:2x2", train__batch_size=2 * tiny.get_config().train.batch_size)
+    assert two.flops / one.flops == pytest.approx(2.0, rel=0.1)
+    assert two.model_flops / one.model_flops == pytest.approx(2.0, rel=0.01)
+
+
+def test_loop_bodies_are_counted_once_per_trip():
+    """Layers under a scan inside a micro-batch scan cost what the same model unrolled costs,
+    whose count XLA gets right with no loops to miss."""
+    scanned, micro = _plan("v5e:2x2"), _plan("v5e:2x2", train__micro_batches=2)
+    unrolled = _plan("v5e:2x2", model__scan_layers=False)
+    assert not scanned.uncounted_loops and not micro.uncounted_loops
+    assert scanned.flops == pytest.approx(unrolled.flops, rel=0.03)  # layers: one loop level
+    assert micro.flops == pytest.approx(unrolled.flops, rel=0.03)  # layers inside micro-batches: two
+    # XLA's raw count would have missed most of it.
+    assert plan.costs.analyse(micro.executable).xla_flops < 0.5 * micro.flops
+
+
+def test_70b_with_unsharded_parameters_does_not_fit_on_v5e_2x2_and_says_by_how_much():
+    c = llama2_70b.get_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1  # parameters replicated on every chip
+    c.train.batch_size = 4
+    p = plan.plan(c, "v5e:2x2")
+    count = size.report(c)["total_params"]
+    assert p.params == pytest.approx(4 * count, rel=0.01)
+    assert not p.fits
+    assert p.hbm == pytest.approx(15.75 * GiB, rel=0.001)  # XLA's usable share of v5e's 16 GiB
+    # Shortfall: at least fp32 parameters and Adam's two moments (12 bytes each) beyond the HBM.
+    assert p.shortfall == p.total - p.hbm and p.shortfall > 12 * count - p.hbm
+    assert "mesh.fsdp" in p.advice()
+    assert "DOES NOT FIT: short by" in plan.table(p)
+
+
+@pytest.mark.slow  # ~110 s: FSDP's collectives are what XLA spends its time on; depth hardly matters
+def test_70b_fits_with_fsdp_over_a_large_enough_slice():
+    c = llama2_70b.get_config()  # data 1 x fsdp -1: parameters and Adam split over every chip
+    c.train.batch_size = 64  # one 4096-token sequence per chip
+    p = plan.plan(c, "v5p:4x4x4")
+    assert p.mesh == {"data": 1, "fsdp": 64, "tensor": 1}
+    assert p.fits and p.shortfall == 0
+    assert p.params == pytest.approx(4 * size.report(c)["total_params"] / 64, rel=0.01)
+    assert 0 < p.mfu < 1 and p.step_seconds > 0
+
+
+def test_unknown_topology_names_are_clear_errors():
+    with pytest.raises(ConfigError, match="unknown TPU generation 'v9'"):
+        topology.parse("v9:2x2")
+    with pytest.raises(ConfigError, match="accelerator type .256 chips.*v5p:4x8x8"):
+        topology.parse("v5p-512")
+    with pytest.raises(ConfigError, match="3-D grid"):
+        topology.parse("v5p:4x4")
+    with pytest.raises(ConfigError, match="libtpu refuses it"):
+        topology.devices(topology.parse("v5e:3x3"))
+
+
+def test_mesh_that_does_not_match_the_slice_is_a_clear_error():
+    c = _tiny()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 4, 1
+    with pytest.raises(ConfigError, match="= 8 but there are 4 devices"):
+        plan.plan(c, "v5e:2x2")
+
+
+def test_missing_libtpu_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(topology, "libtpu_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[tpu\]'"):
+        plan.plan(_tiny(), "v5e:2x2")
+
+
+def test_search_ranks_fitting_layouts_by_mfu_with_the_overrides_that_select_them():
+    result = search.search(_tiny(), "v5e:2x2", remats=("none",), budget=2)
+    assert len(result.plans) == 2 and result.ranked
+    mfus = [p.mfu for p in result.ranked]
+    assert mfus == sorted(mfus, reverse=True)
+    best = result.ranked[0]
+    c = search.with_overrides(_tiny(), (best.mesh["data"], best.mesh["fsdp"], best.mesh["tensor"]))
+    assert f"--config.mesh.fsdp={c.mesh.fsdp}" in best.overrides
+    assert "budget spent" in search.table(result)
+
+
+def test_cli_prints_json_and_one_line_errors():
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=600)
+    bad = run([sys.executable, "-c", "from heft.launch.cli import main; main()", "plan", "--topology=v9:2x2"])
+    assert bad.returncode != 0 and "heft plan: --topology=v9:2x2: unknown TPU generation" in bad.stderr
+    ok = run([sys.executable, "-c", "from heft.launch.cli import main; main()", "plan", "--topology=v5e:2x2",
+              "--config.train.batch_size=8", "--json"])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    out = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert out["fits"] and out["chips"] == 4 and out["batch"] == 8 and out["mfu"] > 0
