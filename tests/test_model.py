@@ -121,3 +121,16 @@ def test_bfloat16_compute_keeps_float32_logits_close():
     out = Decoder(c.model, nnx.Rngs(0))(tokens)
     assert out.dtype == jnp.float32
     assert float(jnp.abs(out - ref).max()) < 0.05
+
+
+def test_compiled_program_does_not_grow_with_depth():
+    """Blocks run under a scan: 32 layers compile to the same program as 2 (so, as fast)."""
+    def hlo_lines(depth):
+        c = tiny.get_config()
+        c.model.depth = depth
+        tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(c.model, nnx.Rngs(0))))
+        forward = jax.jit(lambda state, t: nnx.merge(graphdef, state)(t))
+        return len(forward.lower(state, tokens).compile().as_text().splitlines())
+
+    assert hlo_lines(32) <= 1.05 * hlo_lines(2)
