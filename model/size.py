@@ -106,9 +106,10 @@ def _gib(n: float) -> str:
 
 def table(r: dict) -> str:
     rows = [f"{r['name']}: {r['total_params']:,} parameters ({_human(r['total_params'])})",
-            f"  embedding       {r['embedding_params']:>16,}",
-            f"  non-embedding   {r['non_embedding_params']:>16,}"]
-    rows += [f"    {k:<13} {v:>16,}" for k, v in sorted(r["components"].items())]
+            f"  embedding       {r['embedding_params']:>16,}  (lookups: token and position tables)",
+            f"  non-embedding   {r['non_embedding_params']:>16,}  (matmuls, norms, readout)",
+            "by component"]
+    rows += [f"  {k:<15} {v:>16,}" for k, v in sorted(r["components"].items())]
     rows.append("storage")
     rows += [f"  {k:<15} {_gib(v):>16}" for k, v in r["bytes"].items()]
     rows.append(f"training memory at batch {r['batch']} x length {r['seq_len']}, remat={r['remat']} "
