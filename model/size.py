@@ -101,7 +101,7 @@ def _human(n: float, unit: str = "") -> str:
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:,.2f} GiB"
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.2f} MiB"
 
 
 def table(r: dict) -> str:
