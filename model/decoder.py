@@ -78,8 +78,9 @@ class Decoder(nnx.Module):
         x = jnp.take(constrain(self.embed[...], "vocab", "act_embed"), tokens, axis=0)
         if m.positions == "learned":
             x = x + jnp.take(self.position_embed[...], positions, axis=0)
-        x = constrain(x.astype(precision.STATS if m.compute_dtype == "float32" else x.dtype),
-                      "batch", "length", "act_embed")
+        # The residual stream is carried in the compute dtype (half the activation memory under
+        # bf16); norms still take their statistics in float32.
+        x = constrain(precision.compute(x, m), "batch", "length", "act_embed")
 
         def layer(block, x, cache):
             return block(x, positions, segment_ids, cache)
