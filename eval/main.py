@@ -24,6 +24,7 @@ def evaluate(config, params, mesh, prepared, batches: int = 0) -> dict:
     """Loss per token (nats), perplexity and bits per UTF-8 byte of the held-out split."""
     import jax
     import numpy as np
+    from jax.experimental import multihost_utils
 
     from heft.data import loader as data_loader
     from heft.data import tokenizer as tokenizers
@@ -41,7 +42,7 @@ def evaluate(config, params, mesh, prepared, batches: int = 0) -> dict:
             count += float(weight_sum)
             for row, w in zip(local["targets"], local["weights"]):
                 n_bytes += len(tok.decode([int(t) for t in np.asarray(row)[np.asarray(w) > 0]]).encode("utf-8"))
-    n_bytes = int(np.asarray(jax.experimental.multihost_utils.process_allgather(np.int64(n_bytes))).sum())
+    n_bytes = int(np.asarray(multihost_utils.process_allgather(np.int64(n_bytes))).sum())
     loss = total / max(count, 1.0)
     return {"eval_loss": loss, "perplexity": math.exp(loss), "bits_per_byte": total / math.log(2) / max(n_bytes, 1),
             "tokens": int(count), "bytes": n_bytes}
@@ -50,8 +51,6 @@ def evaluate(config, params, mesh, prepared, batches: int = 0) -> dict:
 def main(argv):
     del argv
     f = flags.FLAGS
-    import jax.experimental.multihost_utils  # noqa: F401  (process_allgather in evaluate)
-
     from heft.data import prepare as data_prepare
     from heft.train import checkpoint, sharding
     from heft.train.manifest import CheckpointError
