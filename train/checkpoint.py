@@ -9,7 +9,6 @@ asks for, never gathered on one host.
 """
 
 import json
-import logging
 import os
 import shutil
 
@@ -21,7 +20,6 @@ from heft.train import manifest
 from heft.train.manifest import CheckpointError
 
 TOKENIZER = "tokenizer.model"
-log = logging.getLogger("heft")
 
 
 def config_to_json(config) -> str:
@@ -94,8 +92,8 @@ class Checkpointer:
         for step in sorted(self.manager.all_steps(), reverse=True):
             directory = self.step_dir(step)
             if not manifest.exists(directory):
-                log.warning("checkpoint %s has no manifest (the save did not finish); skipping it", directory)
-                print(f"heft: skipping incomplete checkpoint {directory}", flush=True)
+                print(f"heft: skipping incomplete checkpoint {directory} (no manifest: the save did not finish)",
+                      flush=True)
                 continue
             if self.config.checkpoint.verify:
                 manifest.verify(directory)
@@ -136,12 +134,9 @@ def resolve(path: str) -> str:
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist; pass a workdir, a step directory "
                               "or a parameters-only checkpoint")
-    if manifest.exists(path) or os.path.isdir(os.path.join(path, "params")) or os.path.isdir(os.path.join(path, "state")):
+    if manifest.is_checkpoint(path):
         return path
-    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True)
-    for step in steps:
-        candidate = os.path.join(root, str(step))
+    for candidate in reversed(manifest.step_dirs(path)):
         if manifest.exists(candidate):
             return candidate
         print(f"heft: skipping incomplete checkpoint {candidate}", flush=True)

@@ -71,6 +71,17 @@ def exists(directory: str) -> bool:
     return os.path.exists(os.path.join(directory, NAME))
 
 
+def is_checkpoint(path: str) -> bool:
+    """A single checkpoint: sealed, or holding a train state or parameters (perhaps unsealed)."""
+    return exists(path) or any(os.path.isdir(os.path.join(path, item)) for item in ("state", "params"))
+
+
+def step_dirs(path: str) -> list[str]:
+    """The step directories of a workdir or of its checkpoints/ folder, oldest first."""
+    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    return [os.path.join(root, d) for d in sorted((d for d in os.listdir(root) if d.isdigit()), key=int)]
+
+
 def read(directory: str) -> dict:
     path = os.path.join(directory, NAME)
     if not os.path.exists(path):

@@ -17,13 +17,12 @@ def targets(path: str) -> list[str]:
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise manifest.CheckpointError(f"{path} does not exist or is not a directory")
-    if manifest.exists(path) or os.path.isdir(os.path.join(path, "state")) or os.path.isdir(os.path.join(path, "params")):
+    if manifest.is_checkpoint(path):
         return [path]
-    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    steps = sorted((d for d in os.listdir(root) if d.isdigit()), key=int)
+    steps = manifest.step_dirs(path)
     if not steps:
         raise manifest.CheckpointError(f"{path} holds no checkpoints")
-    return [os.path.join(root, s) for s in steps]
+    return steps
 
 
 def main(argv):
