@@ -1,9 +1,10 @@
 """Which files make a corpus, the documents they hold, and which documents are held out.
 
 A corpus is `data.corpus`: "embedded" (the Shakespeare and Milton texts shipped in
-`data/corpus/`), a directory (searched recursively), a single file, or a glob. Files are taken in
-sorted path order, and documents in file order, so the document sequence (and with it the
-held-out split, the last documents) is fixed by the files alone.
+`data/corpus/`), a directory (searched recursively), a single file, or a glob (`**` spans
+folders); any of them may be on gs:// (paths.py). Files are taken in sorted path order, and
+documents in file order, so the document sequence (and with it the held-out split, the last
+documents) is fixed by the files alone. Hidden (dot) files and folders are not part of a corpus.
 
 Documents by format:
   .txt      the whole file is one document
@@ -11,24 +12,26 @@ Documents by format:
   .parquet  one row a document, from the `data.text_field` column
   .txt.xz / .jsonl.xz  the same, xz-compressed (the embedded corpus is one .jsonl.xz)
 Documents that are empty or only whitespace are skipped; everything else is kept verbatim.
+
+A corpus is identified by its files' sha256. Hashing a large corpus on every start would cost a
+full read, so `file_hashes` records each file's version (size and mtime; on gs:// the object's
+generation and crc32c) beside its hash in the cache, and rehashes only files whose version changed.
 """
 
 import dataclasses
-import glob
 import hashlib
 import json
 import lzma
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from heft.data import paths
 from heft.data.errors import DataError
 
 EMBEDDED = "embedded"
 SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.xz", ".jsonl.xz")
 _FORMATS = ".txt/.jsonl/.parquet"
-_GLOB_CHARS = set("*?[")
 
 
 def embedded_path() -> Path:
@@ -42,7 +45,7 @@ class Source:
 
     path: str
     sha256: str
-    bytes: int  # size of the file on disk
+    bytes: int  # size of the file
     documents: int  # non-empty documents in it
     text_bytes: int  # UTF-8 bytes of those documents
 
@@ -51,37 +54,53 @@ def _suffix(path: str) -> str | None:
     return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if path.endswith(s)), None)
 
 
-def resolve(corpus: str) -> list[str]:
-    """The files of `data.corpus`, sorted by path. Raises DataError if there are none."""
+def _missing(corpus: str, where: str) -> DataError:
+    if paths.is_gcs(corpus) and not paths.exists(f"gs://{paths.bucket(corpus)}"):
+        return DataError(f"{where}: the bucket gs://{paths.bucket(corpus)} does not exist; fix the path or create the bucket")
+    return DataError(f"{where} does not exist; pass a directory or glob of {_FORMATS} files")
+
+
+def find(corpus: str) -> dict[str, dict]:
+    """The files of `data.corpus`, sorted by path, each with its version (paths.version).
+
+    Raises DataError if there are none.
+    """
     if corpus == EMBEDDED:
-        return [str(embedded_path())]
-    pattern = os.path.expanduser(corpus)
+        return {str(embedded_path()): paths.info(embedded_path())}
     where = f"data.corpus={corpus!r}"
-    if _GLOB_CHARS & set(pattern):
-        matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if paths.GLOB_CHARS & set(corpus):
+        try:
+            matches = paths.glob(corpus)
+        except FileNotFoundError:
+            matches = {}
         if not matches:
+            if paths.is_gcs(corpus) and not paths.exists(f"gs://{paths.bucket(corpus)}"):
+                raise _missing(corpus, where)  # says which bucket
             raise DataError(f"{where} matches no files; pass a directory or glob of {_FORMATS} files")
         for p in matches:
             if _suffix(p) is None:
                 raise DataError(f"{where} matches {p}, which is not a {_FORMATS} file; narrow the glob")
         return matches
-    if os.path.isdir(pattern):
-        files = sorted(
-            str(p) for p in Path(pattern).rglob("*")
-            if p.is_file() and not p.name.startswith(".") and _suffix(p.name)
-        )
+    if paths.is_file(corpus):
+        if _suffix(corpus) is None:
+            raise DataError(f"{where} is not a {_FORMATS} file; pass one, or a directory or glob of them")
+        return {str(paths.path(corpus)): paths.info(corpus)}
+    if paths.is_dir(corpus):
+        files = {p: v for p, v in paths.files_under(corpus).items() if _suffix(p)}
         if not files:
             raise DataError(f"{where} is an empty corpus: it holds no {_FORMATS} files; add some")
         return files
-    if os.path.isfile(pattern):
-        if _suffix(pattern) is None:
-            raise DataError(f"{where} is not a {_FORMATS} file; pass one, or a directory or glob of them")
-        return [pattern]
-    raise DataError(f"{where} does not exist; pass a directory or glob of {_FORMATS} files")
+    raise _missing(corpus, where)
+
+
+def resolve(corpus: str) -> list[str]:
+    """The files of `data.corpus`, sorted by path. Raises DataError if there are none."""
+    return list(find(corpus))
 
 
 def _open_binary(path: str):
-    return lzma.open(path, "rb") if path.endswith(".xz") else open(path, "rb")
+    f = paths.path(path).open("rb")
+    return lzma.open(f, "rb") if path.endswith(".xz") else f
 
 
 def _decode(raw: bytes, where: str) -> str:
@@ -129,7 +148,7 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
     import pyarrow.parquet as pq  # only corpora with parquet files pay for the import
 
     try:
-        f = pq.ParquetFile(path)
+        f = pq.ParquetFile(paths.path(path).open("rb"))
     except Exception as e:  # pyarrow raises several types for a bad file
         raise DataError(f"{path} is not a readable parquet file ({e}); fix or remove it") from None
     names = f.schema_arrow.names
@@ -173,17 +192,43 @@ def documents(path: str, text_field: str) -> Iterator[str]:
 
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+    with paths.path(path).open("rb") as f:
+        while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
 
 
-def scan(files: list[str], text_field: str, hashes: list[str] | None = None, keep_bytes: int = 0):
+def file_hashes(files: dict[str, dict], record) -> list[str]:
+    """The sha256 of each file of `find()`, read from `record` (a JSON file in the cache) for files
+    whose version is the one recorded, computed (and recorded) for the others.
+
+    Args:
+      files: {path: version} from `find`.
+      record: where the hashes of this corpus are kept; None to hash every file.
+    """
+    known = {}
+    if record is not None and paths.exists(record):
+        try:
+            known = json.loads(paths.read_bytes(record))
+        except (ValueError, OSError):  # damaged (e.g. a disk filled up): hash again
+            known = {}
+    hashes, fresh = [], {}
+    for path, v in files.items():
+        entry = known.get(path)
+        if entry is None or entry.get("version") != v:
+            entry = {"version": v, "sha256": file_sha256(path)}
+        hashes.append(entry["sha256"])
+        fresh[path] = entry
+    if record is not None and fresh != known:
+        paths.write_bytes(record, (json.dumps(fresh, sort_keys=True) + "\n").encode())
+    return hashes
+
+
+def scan(files: dict[str, dict] | list[str], text_field: str, hashes: list[str] | None = None, keep_bytes: int = 0):
     """Reads every file once, so bad input fails before any slow work starts.
 
     Args:
-      files: from `resolve`.
+      files: from `find` ({path: version}), or paths from `resolve`.
       hashes: their sha256, if already computed.
       keep_bytes: return the documents too if they total at most this many bytes, so that a small
         corpus is read once rather than once per pass.
@@ -191,8 +236,10 @@ def scan(files: list[str], text_field: str, hashes: list[str] | None = None, kee
       (sources, documents or None).
     Raises DataError on the first bad file, or if the files hold no document at all.
     """
+    if not isinstance(files, dict):
+        files = {p: paths.info(p) for p in files}
     sources, kept, total = [], [], 0
-    for i, path in enumerate(files):
+    for i, (path, version) in enumerate(files.items()):
         n = size = 0
         for text in documents(path, text_field):
             n += 1
@@ -203,7 +250,7 @@ def scan(files: list[str], text_field: str, hashes: list[str] | None = None, kee
         if kept is not None and total > keep_bytes:
             kept = None  # too large to hold: later passes read the files again
         digest = hashes[i] if hashes else file_sha256(path)
-        sources.append(Source(path, digest, os.path.getsize(path), n, size))
+        sources.append(Source(path, digest, version["size"], n, size))
     if not any(s.documents for s in sources):
         names = ", ".join(s.path for s in sources[:3]) + (" ..." if len(sources) > 3 else "")
         raise DataError(f"the corpus is empty: {names} hold no non-empty document; add text to data.corpus")
