@@ -7,9 +7,17 @@ and any Unicode survive; `byte_fallback=True` spells characters the vocabulary l
 UTF-8 bytes, so no text is unrepresentable and the unknown id is never produced.
 
 Special ids are fixed: pad 0, unk 1, bos 2, eos 3.
+
+Training is deterministic: the same texts, kind, vocab and thread count give the same model bytes
+in any process on any host, so hosts that train separately still agree on every id. Two things
+make it so. sentencepiece's own sampling of a large input (`input_sentence_size`) varies from
+process to process even under `set_random_generator_seed` (measured with 0.2.3), so heft samples
+the training pieces itself, with a seeded reservoir, and hands sentencepiece exactly those; and
+sentencepiece's generator is seeded for whatever else it draws.
 """
 
 import io
+import random
 import re
 from collections.abc import Iterable, Iterator
 
@@ -20,6 +28,7 @@ from heft.data.errors import DataError
 
 KINDS = ("bpe", "unigram")
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
+SEED = 0  # of the sample of training pieces, and of sentencepiece's generator
 
 # Every trainer option but the corpus, kind and vocab size. Part of the tokenizer's cache key
 # (prepare.py), so changing one here retrains cached tokenizers.
@@ -32,7 +41,9 @@ TRAINER_OPTIONS = dict(
     allow_whitespace_only_pieces=True,  # indentation of verse becomes a few pieces, not many
     split_digits=True,
     max_sentence_length=16384,  # bytes; pieces from `training_pieces` are shorter
-    input_sentence_size=1_000_000,  # beyond this, sentencepiece trains on a random sample
+    # Beyond this many pieces training uses a sample; `sample` takes it, so sentencepiece's own
+    # (which these two options would start) never runs. Kept so that model files stay as before.
+    input_sentence_size=1_000_000,
     shuffle_input_sentence=True,
     pad_id=PAD,
     unk_id=UNK,
@@ -67,17 +78,40 @@ def training_pieces(texts: Iterable[str], max_chars: int = 4000) -> Iterator[str
             yield "".join(buf)
 
 
+SAMPLE_PIECES = TRAINER_OPTIONS["input_sentence_size"]  # training pieces beyond this are sampled down to it
+
+
+def sample(pieces: Iterable[str], size: int | None = None, seed: int = SEED) -> list[str]:
+    """At most `size` of `pieces`, chosen uniformly by a seeded reservoir (Algorithm R).
+
+    Fewer than `size` pieces come back whole and in order; the same pieces and seed always give
+    the same sample.
+    """
+    size = SAMPLE_PIECES if size is None else size
+    rng = random.Random(seed)
+    out: list[str] = []
+    for i, piece in enumerate(pieces):
+        if i < size:
+            out.append(piece)
+        elif (j := rng.randrange(i + 1)) < size:
+            out[j] = piece
+    return out
+
+
 def train(texts: Iterable[str], kind: str, vocab: int, threads: int = 1) -> bytes:
     """Trains a sentencepiece model on `texts` (documents); returns the serialized model.
 
-    Raises DataError if `kind` is unknown or `vocab` does not fit the corpus.
+    Deterministic (see the module docstring). Raises DataError if `kind` is unknown or `vocab`
+    does not fit the corpus.
     """
     if kind not in KINDS:
         raise DataError(f"data.tokenizer={kind!r} is not one of {KINDS}; pick one")
+    pieces = sample(training_pieces(texts))
     model = io.BytesIO()
+    spm.set_random_generator_seed(SEED)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=training_pieces(texts),
+            sentence_iterator=iter(pieces),
             model_writer=model,
             model_type=kind,
             vocab_size=vocab,
@@ -129,10 +163,19 @@ class Tokenizer:
         return text.replace("\u2581", " ")
 
 
+def read(path: str) -> bytes:
+    """The bytes of a sentencepiece .model file, local or on gs://. Raises DataError if it is missing."""
+    from heft.data import paths  # here, not above: tokenizing workers import this module and read no files
+
+    try:
+        return paths.read_bytes(path)
+    except FileNotFoundError:
+        raise DataError(f"the tokenizer {path} does not exist; check the path (or the checkpoint it came from)") from None
+
+
 def load(path: str) -> Tokenizer:
-    """Loads a tokenizer from a sentencepiece .model file."""
-    with open(path, "rb") as f:
-        return Tokenizer(f.read())
+    """Loads a tokenizer from a sentencepiece .model file, local or on gs://."""
+    return Tokenizer(read(path))
 
 
 # A process pool's workers each load the model once (`init_worker`), then encode batches.

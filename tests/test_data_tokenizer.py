@@ -1,5 +1,8 @@
 """The tokenizer: exact round trips (its normalization is only "▁" -> " "), special ids, vocab errors."""
 
+import subprocess
+import sys
+
 import pytest
 
 from heft.data import corpus, tokenizer
@@ -83,3 +86,31 @@ def test_training_pieces_keep_lines_and_stay_short():
 def test_vocab_too_small_for_the_characters_is_one_clear_error():
     with pytest.raises(DataError, match=r"model.vocab=270 is too small"):
         tokenizer.train(SMALL, "bpe", 270)
+
+
+_TRAIN_IN_A_FRESH_PROCESS = """
+import hashlib, sys
+from heft.data import corpus, tokenizer
+[path] = corpus.resolve("embedded")
+docs = list(corpus.documents(path, "text"))[:40]
+tokenizer.SAMPLE_PIECES = 150  # fewer than the 302 pieces: training samples
+print(hashlib.sha256(tokenizer.train(docs, "bpe", 1000)).hexdigest())
+"""
+
+
+def test_training_in_two_processes_gives_identical_bytes_even_when_sampling():
+    # In separate processes: sentencepiece's own sampling repeats itself within one process.
+    runs = [subprocess.run([sys.executable, "-c", _TRAIN_IN_A_FRESH_PROCESS], capture_output=True, text=True, timeout=120)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout.strip()) == 64
+
+
+def test_sample_keeps_a_small_input_whole_and_samples_a_large_one_the_same_way_each_time():
+    pieces = [f"piece {i}" for i in range(1000)]
+    assert tokenizer.sample(pieces[:10], size=10) == pieces[:10]
+    a, b = tokenizer.sample(iter(pieces), size=100), tokenizer.sample(iter(pieces), size=100)
+    assert a == b and len(set(a)) == 100 and set(a) <= set(pieces)
+    assert tokenizer.sample(iter(pieces), size=100, seed=1) != a
+    # Uniform: each piece is kept with probability 100/1000, so later pieces are not favoured.
+    assert 30 < sum(int(p.split()[1]) >= 500 for p in a) < 70
