@@ -13,10 +13,18 @@ once and every slot of a full row holds a real token: no padding, whatever the d
 A document longer than a row continues in the next row, where its positions restart at 0,
 because attention inside a row cannot see the earlier part anyway.
 
+Everything is computed from the row's own L + 1 tokens: an input that is EOS starts a document
+(no document holds an EOS), so a reader needs no table of document starts and reads only the
+rows it serves.
+
 The last input of a document predicts the next document's EOS: under a document mask that
 target is still predictable from the document alone ("the text ends here"), so every target of a
 full row counts (weight 1). Only padding (rows past the end of the held-out split, or the short
 last row there) has segment id 0 and weight 0.
+
+`data.document_start="bos"` (Llama's tokenizers, imported from Hugging Face) changes one thing:
+the input at each document's start is BOS instead of EOS. Targets are the same, so every
+document still ends by predicting EOS: `BOS a a a` -> `a a a EOS`, Llama's training format.
 """
 
 import numpy as np
@@ -24,37 +32,37 @@ import numpy as np
 KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 
 
-def pack(
-    stream: np.ndarray, doc_starts: np.ndarray, row_starts: np.ndarray, row_lengths: np.ndarray, seq_len: int
-) -> dict[str, np.ndarray]:
+def pack(windows: np.ndarray, lengths: np.ndarray, eos_id: int, start_id: int | None = None) -> dict[str, np.ndarray]:
     """Rows of a stream as a batch.
 
     Args:
-      stream: [n] token ids of a split (documents led by EOS, a final EOS; n >= 2).
-      doc_starts: [d] sorted indices into stream where documents start; doc_starts[0] == 0.
-      row_starts: [rows] index into stream of each row's first input.
-      row_lengths: [rows] real inputs in each row, 0..seq_len; the rest is padding.
-        Needs row_starts + row_lengths <= n - 1 (each real input has a target).
-      seq_len: L.
+      windows: [rows, L + 1] token ids: row r's inputs are windows[r, :L] and its targets
+        windows[r, 1:]. Slots past a row's length are ignored.
+      lengths: [rows] real inputs in each row, 0..L; the rest is padding.
+      eos_id: the id that leads every document in the store.
+      start_id: the id the model sees at a document's start (BOS for data.document_start="bos");
+        None or eos_id leaves the store's EOS.
     Returns:
       inputs, targets, segment_ids, positions: [rows, L] int32; weights: [rows, L] float32.
     """
-    row_starts = np.asarray(row_starts, np.int64)
-    offsets = np.arange(seq_len, dtype=np.int64)
-    real = offsets[None, :] < np.asarray(row_lengths, np.int64)[:, None]  # [rows, L]
-    # Padding slots read a harmless in-range index and are zeroed below.
-    index = np.where(real, row_starts[:, None] + offsets[None, :], 0)  # [rows, L]
-    inputs = stream[index].astype(np.int32)
-    targets = stream[index + 1].astype(np.int32)
-    doc = np.searchsorted(doc_starts, index, side="right") - 1  # [rows, L] document of each input
-    segment_ids = (doc - doc[:, :1] + 1).astype(np.int32)
-    segment_start = np.maximum(doc_starts[doc], row_starts[:, None])
-    positions = (index - segment_start).astype(np.int32)
+    windows = np.asarray(windows)
+    seq_len = windows.shape[1] - 1
+    offsets = np.arange(seq_len, dtype=np.int32)
+    real = offsets[None, :] < np.asarray(lengths, np.int64)[:, None]  # [rows, L]
+    inputs = windows[:, :-1].astype(np.int32)
+    targets = windows[:, 1:].astype(np.int32)
+    starts = (inputs == eos_id) & real  # [rows, L] a document starts at this input
+    # A row that begins inside a document continues it as segment 1, from position 0.
+    segment_ids = (np.cumsum(starts, axis=1, dtype=np.int32) + ~starts[:, :1]).astype(np.int32)
+    segment_start = np.maximum.accumulate(np.where(starts, offsets[None, :], 0), axis=1)
+    positions = offsets[None, :] - segment_start
+    if start_id is not None and start_id != eos_id:
+        inputs = np.where(starts, np.int32(start_id), inputs)
     return {
         "inputs": np.where(real, inputs, 0),
         "targets": np.where(real, targets, 0),
         "segment_ids": np.where(real, segment_ids, 0),
-        "positions": np.where(real, positions, 0),
+        "positions": np.where(real, positions, 0).astype(np.int32),
         "weights": real.astype(np.float32),
     }
 

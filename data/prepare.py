@@ -2,15 +2,20 @@
 
     heft prepare --config=configs/tiny.py [--config.data.corpus=DIR_OR_GLOB] [--config.data.cache_dir=DIR]
 
-`prepare(config)` is what training calls: when the corpus files, the tokenizer settings and the
-held-out fraction are unchanged it only hashes the files and returns the cached result.
+`prepare(config)` makes sure they exist: when the corpus files, the tokenizer settings and the
+held-out fraction are unchanged it only lists the files and returns the cached result (a file's
+sha256 is recomputed only when its size, mtime or gs:// generation changed: corpus.file_hashes).
 Otherwise it checks every file (bad input fails here, before slow work), trains a sentencepiece
 model on the training documents, tokenizes all documents in `data.workers` processes, and
-writes the token store (see store.py). Both live under the cache directory, keyed by a hash of
-everything that determines them:
+writes the token store (see store.py). Both live under the cache directory (local or gs://),
+keyed by a hash of everything that determines them:
 
     CACHE/tokenizers/KEY.model
-    CACHE/tokens/KEY/{tokens,doc_starts,meta.json}
+    CACHE/tokens/KEY/{meta.json, tokens-ID/}
+    CACHE/corpus/HASH.json           each corpus file's version and sha256
+
+Training with several processes calls `processes.prepare_for_processes` instead, which makes
+every process use process 0's tokenizer.
 """
 
 import collections
@@ -20,19 +25,18 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 from absl import app, flags
 
-from heft.data import corpus, store, tokenizer
+from heft.data import corpus, paths, store, tokenizer
 from heft.data.errors import DataError
 
-FORMAT = 1  # bump when the store's layout or the meaning of its fields changes
+FORMAT = store.FORMAT  # part of every cache key: a new store format never meets an old cache
 KEEP_BYTES = 256 << 20  # a corpus up to this size is read once and held in memory while preparing
+DOCUMENT_STARTS = ("eos", "bos")
 
 
 def define_flags() -> None:
@@ -44,23 +48,31 @@ def define_flags() -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """Where a prepared corpus lives. `metadata` is the store's meta.json."""
+    """Where a prepared corpus lives, and how its documents are fed. `metadata` is the store's meta.json.
+
+    `document_start` is `data.document_start`: "bos" makes every reader of the store (the loader,
+    the held-out batches) give BOS as each document's first input instead of the stored EOS.
+    """
 
     store_path: str
     tokenizer_path: str
     metadata: dict
     cached: bool = False  # True when this call found everything already prepared
+    document_start: str = "eos"
 
     def open(self) -> store.TokenStore:
         return store.open_store(self.store_path)
 
+    def tokenizer_bytes(self) -> bytes:
+        return tokenizer.read(self.tokenizer_path)
+
     def tokenizer(self) -> tokenizer.Tokenizer:
-        return tokenizer.load(self.tokenizer_path)
+        return tokenizer.Tokenizer(self.tokenizer_bytes())
 
 
-def cache_dir(configured: str) -> Path:
-    """data.cache_dir, else $HEFT_CACHE, else ~/.cache/heft."""
-    return Path(os.path.expanduser(configured or os.environ.get("HEFT_CACHE") or "~/.cache/heft"))
+def cache_dir(configured: str):
+    """data.cache_dir, else $HEFT_CACHE, else ~/.cache/heft; an epath (local or gs://)."""
+    return paths.path(configured or os.environ.get("HEFT_CACHE") or "~/.cache/heft")
 
 
 def _key(file_hashes: list[str], config, given_tokenizer: bytes | None = None) -> str:
@@ -78,6 +90,7 @@ def _key(file_hashes: list[str], config, given_tokenizer: bytes | None = None) -
         "vocab": int(config.model.vocab),
         "heldout_fraction": float(d.heldout_fraction),
         "trainer_options": tokenizer.TRAINER_OPTIONS,
+        "sample": {"pieces": tokenizer.SAMPLE_PIECES, "seed": tokenizer.SEED},
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -86,14 +99,37 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _cached(store_path: Path, tok_path: Path) -> dict | None:
-    """The store's metadata if both it and the very tokenizer that made it are on disk."""
-    if not (store.exists(store_path) and tok_path.is_file()):
+def _cached(store_path, tok_path) -> dict | None:
+    """The store's metadata if it is complete and the very tokenizer that made it is in the cache."""
+    meta = store.read_meta(store_path)
+    if meta is None or meta.get("format") != FORMAT or not paths.is_file(tok_path):
         return None
-    meta = json.loads((store_path / "meta.json").read_text())
-    if meta["tokenizer"]["sha256"] != _sha256(tok_path.read_bytes()):
+    if meta["tokenizer"]["sha256"] != _sha256(paths.read_bytes(tok_path)):
         return None  # the tokenizer was retrained since; its ids differ from the store's
     return meta
+
+
+def _document_start(config) -> str:
+    start = config.data.get("document_start", "eos")
+    if start not in DOCUMENT_STARTS:
+        raise DataError(f"data.document_start={start!r} is not one of {DOCUMENT_STARTS}; pick one")
+    return start
+
+
+def existing(config, store_path: str, tokenizer_path: str) -> Prepared | None:
+    """The store at store_path, if it is complete and was made by the tokenizer at tokenizer_path
+    (e.g. process 0's, in a cache every process shares); else None."""
+    meta = _cached(paths.path(store_path), paths.path(tokenizer_path))
+    return None if meta is None else _prepared(store_path, tokenizer_path, meta, True, _document_start(config))
+
+
+def _prepared(store_path, tok_path, meta: dict, cached: bool, document_start: str) -> Prepared:
+    if document_start == "bos" and meta["tokenizer"]["bos_id"] < 0:
+        raise DataError(
+            f"data.document_start='bos' but the tokenizer {tok_path} has no BOS id; "
+            f"set data.document_start=eos or use a tokenizer with a BOS piece"
+        )
+    return Prepared(str(store_path), str(tok_path), meta, cached=cached, document_start=document_start)
 
 
 def _documents(files: list[str], text_field: str, stop: int | None = None, kept: list[str] | None = None) -> Iterator[str]:
@@ -125,13 +161,9 @@ def _batches(texts: Iterable[str], sizes: collections.deque, max_bytes: int = 1 
         yield batch
 
 
-def _train_tokenizer(texts: Iterable[str], config, path: Path) -> None:
+def _train_tokenizer(texts: Iterable[str], config, path) -> None:
     d = config.data
-    model = tokenizer.train(texts, d.tokenizer, int(config.model.vocab), threads=d.workers)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(model)
-    os.replace(tmp, path)
+    paths.write_bytes(path, tokenizer.train(texts, d.tokenizer, int(config.model.vocab), threads=d.workers))
 
 
 def _start_method() -> str:
@@ -161,36 +193,46 @@ def _encoded(batches: Iterator[list[str]], model: bytes, workers: int) -> Iterat
             yield pending.popleft().result()
 
 
-def _write_tokens(texts: Iterable[str], config, tok_path: Path, store_path: Path, total_bytes: int, progress: bool) -> store.Writer:
-    """Tokenizes every document in `data.workers` processes into a new store at store_path."""
+def _write_tokens(texts: Iterable[str], config, tok_bytes: bytes, store_path, total_bytes: int, progress: bool,
+                  heldout_document: int) -> tuple[store.Writer, int]:
+    """Tokenizes every document in `data.workers` processes into a new store at store_path.
+
+    Returns the writer (to be closed) and where document `heldout_document` (the held-out split's
+    first) starts: the index of its leading EOS, or of the final EOS if there is no such document.
+    """
     from tqdm import tqdm
 
-    model = tok_path.read_bytes()
-    tok = tokenizer.Tokenizer(model)
+    tok = tokenizer.Tokenizer(tok_bytes)
     writer = store.Writer(store_path, store.token_dtype(tok.vocab_size), tok.eos_id)
     sizes: collections.deque = collections.deque()
     workers = max(1, min(int(config.data.workers), os.cpu_count() or 1))
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not progress, file=sys.stderr)
+    heldout_start, i = None, 0
     try:
-        for arrays in _encoded(_batches(texts, sizes), model, workers):
+        for arrays in _encoded(_batches(texts, sizes), tok_bytes, workers):
             for ids in arrays:
-                writer.add(ids)
+                start = writer.add(ids)
+                if i == heldout_document:
+                    heldout_start = start
+                i += 1
             bar.update(sizes.popleft())
     except BaseException:
         writer.abort()
         raise
     finally:
         bar.close()
-    return writer
+    return writer, writer.num_tokens if heldout_start is None else heldout_start
 
 
-def prepare(config, *, progress: bool = True, tokenizer_path: str | None = None) -> Prepared:
+def prepare(config, *, progress: bool = True, tokenizer_path: str | None = None,
+            tokenizer_bytes: bytes | None = None) -> Prepared:
     """Makes sure the tokenizer and token store of `config.data` exist; returns where they are.
 
-    With `tokenizer_path` (a checkpoint's sentencepiece model) the corpus is tokenized with that
-    tokenizer instead of a newly trained one, e.g. to evaluate a checkpoint on another corpus.
+    With `tokenizer_path` (a checkpoint's sentencepiece model, local or gs://) or `tokenizer_bytes`
+    (process 0's, in `prepare_for_processes`) the corpus is tokenized with that tokenizer instead
+    of a newly trained one, e.g. to evaluate a checkpoint on another corpus.
 
-    Idempotent: a second call over unchanged inputs hashes the corpus files and returns.
+    Idempotent: a second call over unchanged inputs lists the corpus files and returns.
     Raises DataError for input a user can fix (see corpus.py and tokenizer.py).
     """
     start = time.perf_counter()
@@ -198,37 +240,35 @@ def prepare(config, *, progress: bool = True, tokenizer_path: str | None = None)
     if d.tokenizer not in tokenizer.KINDS:
         raise DataError(f"data.tokenizer={d.tokenizer!r} is not one of {tokenizer.KINDS}; pick one")
     corpus.heldout_count(2, d.heldout_fraction)  # checks the fraction's range before any work
-    files = corpus.resolve(d.corpus)
-    hashes = [corpus.file_sha256(f) for f in files]
-    given = Path(tokenizer_path).read_bytes() if tokenizer_path else None
-    key = _key(hashes, config, given)
+    document_start = _document_start(config)
     root = cache_dir(d.cache_dir)
+    paths.check_bucket(root, "data.cache_dir")
+    files = corpus.find(d.corpus)
+    hashes = corpus.file_hashes(files, root / "corpus" / f"{_sha256(str(d.corpus).encode())[:24]}.json")
+    given = tokenizer_bytes if tokenizer_bytes is not None else tokenizer.read(tokenizer_path) if tokenizer_path else None
+    key = _key(hashes, config, given)
     tok_path = root / "tokenizers" / f"{key}.model"
     store_path = root / "tokens" / key
     if (meta := _cached(store_path, tok_path)) is not None:
-        return Prepared(str(store_path), str(tok_path), meta, cached=True)
+        return _prepared(store_path, tok_path, meta, True, document_start)
 
     sources, kept = corpus.scan(files, d.text_field, hashes, keep_bytes=KEEP_BYTES)
     n_docs = sum(s.documents for s in sources)
     n_heldout = corpus.heldout_count(n_docs, d.heldout_fraction)
-    if given is not None and not tok_path.is_file():
-        tok_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tok_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(given)
-        os.replace(tmp, tok_path)
-    if not tok_path.is_file():
+    if given is not None and not paths.is_file(tok_path):
+        paths.write_bytes(tok_path, given)
+    if not paths.is_file(tok_path):
         # Trained on the training documents only, so held-out text is new to it too.
         _train_tokenizer(_documents(files, d.text_field, n_docs - n_heldout, kept), config, tok_path)
         if (meta := _cached(store_path, tok_path)) is not None:  # retrained identically
-            return Prepared(str(store_path), str(tok_path), meta, cached=True)
-    shutil.rmtree(store_path, ignore_errors=True)  # if present, another tokenizer's ids: stale
-    tok_bytes = tok_path.read_bytes()
+            return _prepared(store_path, tok_path, meta, True, document_start)
+    tok_bytes = paths.read_bytes(tok_path)
     tok = tokenizer.Tokenizer(tok_bytes)
     text_bytes = sum(s.text_bytes for s in sources)
-    writer = _write_tokens(_documents(files, d.text_field, kept=kept), config, tok_path, store_path, text_bytes, progress)
+    writer, heldout_start = _write_tokens(_documents(files, d.text_field, kept=kept), config, tok_bytes, store_path,
+                                          text_bytes, progress, heldout_document=n_docs - n_heldout)
     num_tokens = writer.num_tokens + 1  # the final EOS that close() appends
     meta = {
-        "format": FORMAT,
         "corpus": d.corpus,
         "text_field": d.text_field,
         "sources": [dataclasses.asdict(s) for s in sources],
@@ -250,11 +290,12 @@ def prepare(config, *, progress: bool = True, tokenizer_path: str | None = None)
             "heldout_fraction": float(d.heldout_fraction),
             "train_documents": n_docs - n_heldout,
             "heldout_documents": n_heldout,
+            "heldout_start": heldout_start,  # index of the held-out split's leading EOS (the final EOS if none)
         },
         "seconds": round(time.perf_counter() - start, 3),
     }
-    writer.close(meta)
-    return Prepared(str(store_path), str(tok_path), meta, cached=False)
+    meta = writer.close(meta)
+    return _prepared(store_path, tok_path, meta, False, document_start)
 
 
 def summary(p: Prepared, seconds: float) -> str:

@@ -1,116 +1,167 @@
-"""The token store: a corpus's token ids and document boundaries, as zarr v3 arrays on disk.
+"""The token store: a corpus's token ids as one zarr v3 array, local or on gs://, and the marker that says it is whole.
 
-A store is a directory:
-  tokens/      [num_tokens] uint16 (int32 if the vocab exceeds 65536), zstd-compressed chunks:
-               each document as EOS followed by its tokens, in corpus order, then one final EOS.
-               The EOS *before* a document marks its start; the last token of a document has
-               the next EOS as its target, which is how a model learns where documents end.
-  doc_starts/  [num_documents + 1] int64: the index of each document's leading EOS; the last
-               entry is the index of the final EOS (num_tokens - 1).
-  meta.json    what produced it (tokenizer and source hashes) and what it holds (counts, split).
+A store is a folder (local, or a gs:// prefix; tensorstore's `file` or `gcs` kvstore):
+  meta.json       what produced it (tokenizer and source hashes) and what it holds (counts, the
+                  split); written last, it is the mark of a complete store (below).
+  tokens-ID/      [num_tokens] uint16 (int32 if the vocab exceeds 65536): each document as EOS
+                  followed by its tokens, in corpus order, then one final EOS. The EOS *before* a
+                  document marks its start; the last token of a document has the next EOS as its
+                  target, which is how a model learns where documents end.
 
-It is written into a temporary directory and renamed into place when complete, so a store that
-exists is whole: an interrupted `heft prepare` leaves nothing that a later run would trust.
+Every document is led by EOS and no document holds one (sentencepiece never encodes text to a
+control id; `Writer.add` checks), so the EOS tokens are the document boundaries: a reader finds
+the documents inside any window it reads, and no table of document starts is kept.
+
+Layout of the array: shards of SHARD tokens (one file or object each), each of CHUNK-token zstd
+chunks. A reader of one row decodes only the chunks the row touches (CHUNK tokens, not a whole
+shard), and on gs:// fetches them with ranged reads of the shard; the shard keeps the number
+of objects of a large corpus small. bench/bench_data.py measured the choice.
+
+Complete means meta.json exists. GCS has no atomic rename, so rather than writing elsewhere and
+renaming, a writer fills its own `tokens-ID/` folder (ID unique to the writer) and then writes
+meta.json, one small file or object, which names that folder. A store whose meta.json is
+missing is incomplete whatever else is there, and `prepare` builds it again (into a new folder),
+so an interrupted write is never read. Two writers of the same store leave the first one's
+meta.json in place (the second discards its own folder); a meta.json that is replaced (a stale
+store, made by another tokenizer) has its folder deleted after the new one is written.
 """
 
 import dataclasses
 import json
-import os
-import shutil
-from pathlib import Path
+import uuid
 
 import numpy as np
 import tensorstore as ts
 
-CHUNK = 1 << 17  # tokens per chunk: 256 KiB of uint16 before compression
+from heft.data import paths
+from heft.data.errors import DataError
+
+FORMAT = 2  # of the store's layout and meta.json; bump when either changes (caches are then rebuilt)
+CHUNK = 1 << 12  # tokens a reader decodes at least: 8 KiB of uint16
+SHARD = 1 << 22  # tokens per file or object: 8 MiB of uint16 before compression
+_MAX_TOKENS = 1 << 42  # the array's extent while writing; cut to the real length on close
+READ_CACHE_BYTES = 64 << 20  # decoded chunks a reader keeps (tensorstore's cache pool): bounded, whatever the store's size
+META = "meta.json"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.int32)
 
 
-def _spec(path: Path, dtype: np.dtype | None = None, chunk: int | None = None) -> dict:
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+def _spec(folder, dtype: np.dtype | None = None) -> dict:
+    spec = {"driver": "zarr3", "kvstore": paths.kvstore(folder)}
     if dtype is not None:
+        inner = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 3}}]
         spec["metadata"] = {
-            "shape": [0],
+            "shape": [_MAX_TOKENS],
             "data_type": np.dtype(dtype).name,
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk or CHUNK]}},
-            "codecs": [
-                {"name": "bytes", "configuration": {"endian": "little"}},
-                {"name": "zstd", "configuration": {"level": 3}},
-            ],
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [SHARD]}},
+            "codecs": [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": [CHUNK],
+                "codecs": inner,
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+            }}],
         }
     return spec
 
 
-class Writer:
-    """Appends documents' token ids to a new store; `close(meta)` makes it visible at `path`."""
+def read_meta(path) -> dict | None:
+    """The store's meta.json if the store is complete (of any format), else None."""
+    try:
+        return json.loads(paths.read_bytes(paths.path(path) / META))
+    except FileNotFoundError:
+        return None
 
-    def __init__(self, path: str | Path, dtype: np.dtype, eos_id: int):
-        self.path = Path(path)
-        self._tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        self._tmp.mkdir(parents=True)
+
+def exists(path) -> bool:
+    """Whether a complete store of this FORMAT is at `path`."""
+    meta = read_meta(path)
+    return meta is not None and meta.get("format") == FORMAT
+
+
+class Writer:
+    """Appends documents' token ids to a new store at `path`; `close(meta)` marks it complete."""
+
+    def __init__(self, path, dtype: np.dtype, eos_id: int):
+        self.path = paths.path(path)
+        self.array = f"tokens-{uuid.uuid4().hex[:12]}"
         self._dtype = np.dtype(dtype)
+        self._eos_id = eos_id
         self._eos = np.asarray([eos_id], self._dtype)
-        self._tokens = ts.open(_spec(self._tmp / "tokens", self._dtype), create=True).result()
+        self._tokens = ts.open(_spec(self.path / self.array, self._dtype), create=True).result()
         self._pending: list[np.ndarray] = []
         self._pending_len = 0
-        self._written = 0  # tokens already on disk; always a multiple of CHUNK until close
-        self._starts: list[int] = []
+        self._written = 0  # tokens already written; a multiple of SHARD until close
 
     @property
     def num_tokens(self) -> int:
         return self._written + self._pending_len
 
-    def add(self, ids: np.ndarray) -> None:
-        """Appends one document: [length] token ids (without EOS)."""
-        self._starts.append(self.num_tokens)
-        self._pending += [self._eos, np.asarray(ids, self._dtype)]
+    def add(self, ids: np.ndarray) -> int:
+        """Appends one document: [length] token ids (without EOS). Returns where its leading EOS is."""
+        ids = np.asarray(ids)
+        if (ids == self._eos_id).any():
+            raise DataError(
+                f"the tokenizer encoded text to its EOS id {self._eos_id}, which marks document starts in the "
+                "token store; use a tokenizer whose EOS is a control symbol (as heft trains them)"
+            )
+        start = self.num_tokens
+        self._pending += [self._eos, ids.astype(self._dtype)]
         self._pending_len += 1 + len(ids)
-        if self._pending_len >= 8 * CHUNK:  # write whole chunks once a few are ready
+        if self._pending_len >= SHARD:
             self._flush(final=False)
+        return start
 
     def _flush(self, final: bool) -> None:
         if not self._pending_len:
             return
         buf = np.concatenate(self._pending)
-        # Only whole chunks until the end: a partial chunk written now would be rewritten later.
-        n = len(buf) if final else len(buf) // CHUNK * CHUNK
+        # Whole shards only until the end: a shard written in part would be read back and rewritten.
+        n = len(buf) if final else len(buf) // SHARD * SHARD
         start, stop = self._written, self._written + n
-        self._tokens = self._tokens.resize(exclusive_max=[stop], expand_only=True).result()
         self._tokens[start:stop].write(buf[:n]).result()
         self._written = stop
         self._pending = [buf[n:].copy()]  # a copy, so the flushed part can be freed
         self._pending_len = len(buf) - n
 
-    def close(self, meta: dict) -> None:
-        """Writes the final EOS, the document starts and meta.json, then moves the store into place."""
+    def close(self, meta: dict) -> dict:
+        """Writes the final EOS, then meta.json (the mark of completion); returns the store's meta."""
         self._pending.append(self._eos)
         self._pending_len += 1
         self._flush(final=True)
-        starts = np.asarray(self._starts + [self._written - 1], np.int64)
-        docs = ts.open(_spec(self._tmp / "doc_starts", np.int64, chunk=1 << 16), create=True).result()
-        docs = docs.resize(exclusive_max=[len(starts)], expand_only=True).result()
-        docs.write(starts).result()
-        (self._tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        try:
-            os.rename(self._tmp, self.path)
-        except OSError:  # another process finished the same store first; theirs is as good
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tokens.resize(exclusive_max=[self._written], resize_metadata_only=True, shrink_only=True).result()
+        meta = {**meta, "format": FORMAT, "array": self.array, "tokens": self._written}
+        previous = read_meta(self.path)
+        if previous is not None and _same_content(previous, meta):
+            self.abort()  # another writer finished this very store first; theirs is as good
+            return previous
+        paths.write_bytes(self.path / META, (json.dumps(meta, indent=1) + "\n").encode())
+        if previous is not None and previous.get("array") and previous["array"] != self.array:
+            paths.remove_tree(self.path / previous["array"])  # a stale store's ids: nothing names them now
+        return meta
 
     def abort(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        """Deletes what this writer wrote (its folder, and the store's folder if that is left empty)."""
+        paths.remove_tree(self.path / self.array)
+        if not paths.is_gcs(self.path):  # on GCS a folder is only a prefix: nothing is left
+            try:
+                if not any(self.path.iterdir()):  # else another writer's files, or a complete store
+                    self.path.rmdir()
+            except OSError:  # removed meanwhile, or filled meanwhile
+                pass
+
+
+def _same_content(a: dict, b: dict) -> bool:
+    keys = ("format", "tokens", "sources", "text_field")
+    return all(a.get(k) == b.get(k) for k in keys) and a.get("tokenizer", {}).get("sha256") == b["tokenizer"]["sha256"]
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenStore:
-    """An open store. Reads return numpy arrays."""
+    """An open store. Reads return numpy arrays in the store's dtype."""
 
-    path: Path
+    path: str
     meta: dict
-    doc_starts: np.ndarray  # [num_documents + 1] int64
     _tokens: ts.TensorStore
 
     @property
@@ -118,18 +169,50 @@ class TokenStore:
         return int(self._tokens.shape[0])
 
     def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """[stop - start] token ids, in the store's dtype."""
+        """[stop - start] token ids."""
         stop = self.num_tokens if stop is None else stop
         return self._tokens[start:stop].read().result()
 
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """[len(starts), length] token ids: row i is tokens[starts[i] : starts[i] + length].
 
-def exists(path: str | Path) -> bool:
-    return (Path(path) / "meta.json").is_file()
+        One batch of reads, so tensorstore decodes each chunk that several rows share once and
+        issues the reads together.
+        """
+        with ts.Batch() as batch:
+            futures = [self._tokens[int(s) : int(s) + length].read(batch=batch) for s in starts]
+        out = np.empty((len(futures), length), self._tokens.dtype.numpy_dtype)
+        for i, f in enumerate(futures):
+            out[i] = f.result()
+        return out
 
 
-def open_store(path: str | Path) -> TokenStore:
-    path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
-    tokens = ts.open(_spec(path / "tokens"), open=True, read=True).result()
-    doc_starts = ts.open(_spec(path / "doc_starts"), open=True, read=True).result().read().result()
-    return TokenStore(path, meta, np.asarray(doc_starts, np.int64), tokens)
+def open_store(path, cache_bytes: int = READ_CACHE_BYTES) -> TokenStore:
+    """Opens the complete store at `path` for reading, keeping at most `cache_bytes` of decoded chunks.
+
+    Raises DataError if there is no complete store there, or one of another format, or a damaged one.
+    """
+    meta = read_meta(path)
+    if meta is None:
+        raise DataError(
+            f"no complete token store at {path} (its {META}, written last, is missing); run heft prepare to build it"
+        )
+    if meta.get("format") != FORMAT or "array" not in meta:
+        raise DataError(
+            f"the token store at {path} has format {meta.get('format')}, but this heft reads format {FORMAT}; "
+            f"run heft prepare with the same config to rebuild it"
+        )
+    context = ts.Context({"cache_pool": {"total_bytes_limit": int(cache_bytes)}})
+    try:
+        tokens = ts.open(_spec(paths.path(path) / meta["array"]), open=True, read=True, context=context).result()
+    except ValueError as e:  # tensorstore's NOT_FOUND and friends
+        raise DataError(
+            f"the token store at {path} is damaged ({str(e).splitlines()[0][:200]}); "
+            f"delete it and run heft prepare again"
+        ) from None
+    if tokens.shape[0] != meta["tokens"]:
+        raise DataError(
+            f"the token store at {path} holds {tokens.shape[0]} tokens but its {META} says {meta['tokens']}; "
+            f"delete it and run heft prepare again"
+        )
+    return TokenStore(str(path), meta, tokens)

@@ -245,3 +245,144 @@ def test_global_batch_over_two_processes_holds_the_one_process_batch(prepared, t
     expected = ld.next()["inputs"]
     assert rows.shape == expected.shape
     assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, expected.tolist()))
+
+
+def _reference_batch(stream, doc_starts, row_starts, lengths):
+    """The packing of rows from the whole stream and its document starts (heft's first loader,
+    kept as the reference): segment ids by document index, positions from each document's start."""
+    offsets = np.arange(L)
+    real = offsets[None, :] < lengths[:, None]
+    index = np.where(real, row_starts[:, None] + offsets[None, :], 0)
+    doc = np.searchsorted(doc_starts, index, side="right") - 1
+    return {
+        "inputs": np.where(real, stream[index], 0),
+        "targets": np.where(real, stream[index + 1], 0),
+        "segment_ids": np.where(real, doc - doc[:, :1] + 1, 0),
+        "positions": np.where(real, index - np.maximum(doc_starts[doc], row_starts[:, None]), 0),
+        "weights": real.astype(np.float32),
+    }
+
+
+def test_rows_read_alone_pack_as_the_whole_stream_with_its_document_starts_does(corpus):
+    prepared, docs = corpus
+    tok = prepared.tokenizer()
+    stream, _ = loader.split_stream(prepared, "train")
+    n_train = prepared.metadata["split"]["train_documents"]
+    doc_starts = np.r_[0, np.cumsum([len(tok.encode(d)) + 1 for d in docs[: n_train - 1]])]  # from the texts
+    ld = loader.Loader(prepared, "train", L, B, seed=0)
+    for k in range(60):
+        rows = np.array([ld._batches.order[i] for i in range(k * B, (k + 1) * B)])
+        expected = _reference_batch(stream, doc_starts, rows * L, np.full(B, L))
+        got = ld.next()
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def test_the_loader_reads_only_the_rows_it_serves(prepared, monkeypatch):
+    from heft.data import store
+
+    reads = []
+    windows, tokens = store.TokenStore.windows, store.TokenStore.tokens
+    monkeypatch.setattr(store.TokenStore, "windows", lambda self, s, n: reads.append((len(s), n)) or windows(self, s, n))
+    monkeypatch.setattr(store.TokenStore, "tokens", lambda self, a=0, b=None: reads.append((1, b - a)) or tokens(self, a, b))
+    take(loader.Loader(prepared, "train", L, B, seed=0, process_index=1, process_count=2, prefetch=0), 5)
+    assert reads == [(B // 2, L + 1)] * 5
+    reads.clear()
+    list(loader.heldout_batches(prepared, L, B))
+    assert sum(rows * n for rows, n in reads) < (loader.heldout_num_batches(prepared, L, B) * B) * (L + 1)
+
+
+def test_prefetch_reads_a_few_batches_ahead_and_close_stops_it(prepared, monkeypatch):
+    import time
+
+    ld = loader.Loader(prepared, "train", L, B, seed=0, prefetch=3)
+    served = []
+    make = ld._batches
+    monkeypatch.setattr(ld, "_batches", lambda consumed: served.append(consumed) or make(consumed))
+    ld.next()
+    deadline = time.time() + 10
+    while len(served) < 5 and time.time() < deadline:  # the one taken, 3 queued, 1 waiting to be queued
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert served == [k * B for k in range(5)]
+    thread = ld._thread[0]._thread
+    ld.close()
+    assert not thread.is_alive()
+
+
+def test_prefetched_batches_are_the_batches_read_in_place(prepared):
+    with loader.Loader(prepared, "train", L, B, seed=7) as ahead:
+        assert_same(take(ahead, 20), take(loader.Loader(prepared, "train", L, B, seed=7, prefetch=0), 20))
+
+
+def test_restore_on_a_loader_that_read_ahead_continues_from_the_restored_position(prepared):
+    uninterrupted = take(loader.Loader(prepared, "train", L, B, seed=5, prefetch=0), 6)
+    with loader.Loader(prepared, "train", L, B, seed=5) as ld:
+        take(ld, 2)
+        state = ld.state()
+        take(ld, 3)  # read ahead further still
+        ld.restore(state)
+        assert_same(take(ld, 4), uninterrupted[2:])
+
+
+def test_a_dropped_loader_stops_its_thread(prepared):
+    import gc
+    import threading
+    import time
+
+    def alive():
+        return sum(t.name == "heft-data-prefetch" for t in threading.enumerate())
+
+    before = alive()
+    ld = loader.Loader(prepared, "train", L, B, seed=0)
+    ld.next()
+    assert alive() == before + 1
+    del ld
+    gc.collect()
+    deadline = time.time() + 10
+    while alive() > before and time.time() < deadline:
+        time.sleep(0.01)
+    assert alive() == before
+
+
+def test_an_error_while_reading_ahead_is_raised_by_next(prepared, monkeypatch):
+    ld = loader.Loader(prepared, "train", L, B, seed=0)
+
+    def broken(consumed):
+        raise DataError("the disk went away")
+
+    monkeypatch.setattr(ld, "_batches", broken)
+    with pytest.raises(DataError, match="the disk went away"):
+        ld.next()
+    ld.close()
+
+
+def _bos_prepared(prepared):
+    import dataclasses
+
+    return dataclasses.replace(prepared, document_start="bos")
+
+
+def test_with_document_start_bos_each_document_starts_with_bos_and_targets_are_unchanged(prepared):
+    bos = prepared.metadata["tokenizer"]["bos_id"]
+    assert bos != EOS
+    pairs = [(take(loader.Loader(prepared, "train", L, B, seed=1), 20), take(loader.Loader(_bos_prepared(prepared), "train", L, B, seed=1), 20)),
+             (list(loader.heldout_batches(prepared, L, B)), list(loader.heldout_batches(_bos_prepared(prepared), L, B)))]
+    for eos_batches, bos_batches in pairs:
+        assert sum(((e["inputs"] == EOS) & (e["weights"] > 0)).sum() for e in eos_batches) > 0
+        for e, b in zip(eos_batches, bos_batches):
+            starts = (e["inputs"] == EOS) & (e["weights"] > 0)
+            np.testing.assert_array_equal(b["inputs"], np.where(starts, bos, e["inputs"]))
+            assert not ((b["inputs"] == EOS) & (b["weights"] > 0)).any()
+            for key in ("targets", "segment_ids", "positions", "weights"):
+                np.testing.assert_array_equal(b[key], e[key], err_msg=key)
+
+
+def test_with_document_start_eos_inputs_are_the_stored_stream(prepared):
+    import dataclasses
+
+    explicit = dataclasses.replace(prepared, document_start="eos")
+    stream, _ = loader.split_stream(prepared, "heldout")
+    real = np.concatenate([b["inputs"][b["weights"] > 0] for b in loader.heldout_batches(explicit, L, B)])
+    np.testing.assert_array_equal(real, stream[:-1])
+    assert_same(take(loader.Loader(explicit, "train", L, B, seed=2), 5), take(loader.Loader(prepared, "train", L, B, seed=2), 5))

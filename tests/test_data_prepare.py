@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from heft.configs import base
-from heft.data import prepare, store, tokenizer
+from heft.data import corpus, prepare, store, tokenizer
+from heft.data.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,11 +57,11 @@ def test_store_holds_each_document_led_by_eos_then_a_final_eos(corpus_dir, tmp_p
     expected = np.concatenate([np.r_[tok.eos_id, tok.encode(d)] for d in docs] + [[tok.eos_id]])
     s = p.open()
     np.testing.assert_array_equal(s.tokens(), expected)
-    lengths = [len(tok.encode(d)) + 1 for d in docs]
-    np.testing.assert_array_equal(s.doc_starts, np.r_[0, np.cumsum(lengths)])
+    starts = np.r_[0, np.cumsum([len(tok.encode(d)) + 1 for d in docs])]
+    np.testing.assert_array_equal(np.flatnonzero(s.tokens() == tok.eos_id), starts)  # EOS marks document starts only
     m = p.metadata
     assert (m["documents"], m["tokens"], m["text_tokens"]) == (40, len(expected), len(expected) - 41)
-    assert m["split"] == {"heldout_fraction": 0.1, "train_documents": 36, "heldout_documents": 4}
+    assert m["split"] == {"heldout_fraction": 0.1, "train_documents": 36, "heldout_documents": 4, "heldout_start": starts[36]}
     assert m["text_bytes"] == sum(len(d.encode()) for d in docs)
     assert m["tokenizer"]["sha256"] == hashlib.sha256(Path(p.tokenizer_path).read_bytes()).hexdigest()
     assert [(Path(x["path"]).name, x["sha256"]) for x in m["sources"]] == [
@@ -101,15 +102,15 @@ def test_changed_input_or_settings_prepare_again(corpus_dir, tmp_path):
 def test_parallel_tokenization_writes_the_same_store_as_one_process(corpus_dir, tmp_path, monkeypatch, start_method):
     root, _ = corpus_dir
     monkeypatch.setattr(prepare, "_start_method", lambda: start_method)
-    monkeypatch.setattr(store, "CHUNK", 512)  # many chunks and flushes, even for a small corpus
+    monkeypatch.setattr(store, "SHARD", 512)  # many shards and flushes, even for a small corpus
+    monkeypatch.setattr(store, "CHUNK", 128)
     one = prepare.prepare(config_for(root, tmp_path / "one", workers=1), progress=False)
     two = prepare.prepare(config_for(root, tmp_path / "two", workers=2), progress=False)
     # The model files differ only in the trainer's recorded thread count; the vocabularies agree.
     tok1, tok2 = one.tokenizer(), two.tokenizer()
     assert [tok1.piece(i) for i in range(400)] == [tok2.piece(i) for i in range(400)]
     np.testing.assert_array_equal(one.open().tokens(), two.open().tokens())
-    np.testing.assert_array_equal(one.open().doc_starts, two.open().doc_starts)
-    assert len(list((Path(two.store_path) / "tokens" / "c").iterdir())) > 10
+    assert len(list((Path(two.store_path) / two.metadata["array"] / "c").iterdir())) > 10
 
 
 def test_an_interrupted_write_leaves_no_store(corpus_dir, tmp_path, monkeypatch):
@@ -168,3 +169,44 @@ def test_cli_reports_a_bad_corpus_in_one_line(tmp_path):
         f"heft prepare: data.corpus='{tmp_path}/missing' does not exist; "
         "pass a directory or glob of .txt/.jsonl/.parquet files"
     ]
+
+
+def test_an_unchanged_corpus_is_not_read_again_and_a_changed_file_is(corpus_dir, tmp_path, monkeypatch):
+    root, docs = corpus_dir
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    config = config_for(copy, tmp_path / "cache")
+    prepare.prepare(config, progress=False)
+    hashed = []
+    sha = corpus.file_sha256
+    monkeypatch.setattr(corpus, "file_sha256", lambda path: hashed.append(path) or sha(path))
+    assert prepare.prepare(config, progress=False).cached and hashed == []
+    (copy / "b03.txt").write_text(docs[28] + " changed")
+    changed = prepare.prepare(config, progress=False)
+    assert not changed.cached and hashed == [str(copy / "b03.txt")]
+    assert changed.metadata["sources"][4]["sha256"] == hashlib.sha256((copy / "b03.txt").read_bytes()).hexdigest()
+
+
+def test_a_store_whose_marker_is_missing_is_rebuilt(corpus_dir, tmp_path):
+    root, _ = corpus_dir
+    first = prepare.prepare(config_for(root, tmp_path), progress=False)
+    (Path(first.store_path) / "meta.json").unlink()  # the arrays are all there, the mark of completion is not
+    again = prepare.prepare(config_for(root, tmp_path), progress=False)
+    assert not again.cached and again.metadata["array"] != first.metadata["array"]
+    np.testing.assert_array_equal(again.open().tokens(), first.open().tokens())
+
+
+def test_a_store_of_another_format_is_one_clear_error(corpus_dir, tmp_path):
+    root, _ = corpus_dir
+    p = prepare.prepare(config_for(root, tmp_path), progress=False)
+    meta_file = Path(p.store_path) / "meta.json"
+    meta_file.write_text(json.dumps({**p.metadata, "format": 1}))
+    with pytest.raises(DataError, match=r"has format 1, but this heft reads format 2; run heft prepare"):
+        p.open()
+
+
+def test_a_document_start_other_than_eos_or_bos_is_one_clear_error(corpus_dir, tmp_path):
+    config = config_for(corpus_dir[0], tmp_path)
+    config.data.document_start = "pad"
+    with pytest.raises(DataError, match=r"data.document_start='pad' is not one of \('eos', 'bos'\)"):
+        prepare.prepare(config, progress=False)
