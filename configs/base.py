@@ -119,4 +119,9 @@ def get_config() -> ml_collections.ConfigDict:
     k.keep_every = 0  # and every this-many-th step forever (0: none)
     k.async_save = True
     k.verify = True  # check the manifest's hashes before restoring
+    # Resuming on another corpus (fine-tuning) is refused unless this is set; the checkpoint's
+    # tokenizer then tokenizes the new corpus.
+    k.allow_data_change = False
+    k.signing_key = ""  # an ed25519 private key (PEM) that signs each seal; "" signs nothing
+    k.verify_key = ""  # its public key: restore only checkpoints whose seal it verifies
     return c

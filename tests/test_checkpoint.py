@@ -1,6 +1,8 @@
 """Checkpoints: custody (manifest, verify), restoring onto other meshes, skipping unfinished saves."""
 
+import json
 import os
+import shutil
 import subprocess
 
 import jax
@@ -69,12 +71,119 @@ def test_damaged_checkpoint_fails_verify_and_refuses_to_restore(tmp_path, damage
         checkpoint.Checkpointer(str(tmp_path), c).restore_latest(compiled.abstract_state(c, mesh))
 
 
-def test_checkpoint_without_manifest_is_skipped_for_the_previous_one(tmp_path):
+def test_committed_but_unsealed_step_is_sealed_on_restart_and_later_saves_go_on(tmp_path):
+    c, state, directory = _saved(tmp_path, steps=(1, 2))
+    os.remove(os.path.join(directory, "2", manifest.SEAL))  # as if killed after orbax's commit, before sealing
+    notes = []
+    ckpt = checkpoint.Checkpointer(str(tmp_path), c, note=notes.append)
+    assert any("sealed step 2" in n for n in notes), notes
+    assert manifest.verify(os.path.join(directory, "2"))["step"] == 2
+    resume = ckpt.latest()
+    assert resume.step == 2
+    got, data = ckpt.restore(resume, compiled.abstract_state(c, sharding.make_mesh(c)))
+    assert data == {"consumed": 16}
+    ckpt.save(3, state, {"consumed": 24})  # orbax would skip a step at or below an unsealed one
+    ckpt.close()
+    assert manifest.verify(os.path.join(directory, "3"))["step"] == 3
+
+
+def test_uncommitted_step_is_removed_on_restart(tmp_path):
     c, _, directory = _saved(tmp_path, steps=(1, 2))
-    os.remove(os.path.join(directory, "2", manifest.NAME))  # as if killed before sealing
+    shutil.copytree(os.path.join(directory, "2"), os.path.join(directory, "3.orbax-checkpoint-tmp"))
+    shutil.move(os.path.join(directory, "2"), os.path.join(directory, "2.orbax-checkpoint-tmp-7"))
+    notes = []
+    ckpt = checkpoint.Checkpointer(str(tmp_path), c, note=notes.append)
+    assert ckpt.latest().step == 1 and sorted(os.listdir(directory)) == ["1"]
+    ckpt.close()
+
+
+def test_retention_keeps_the_newest_sealed_steps_and_every_kth(tmp_path):
+    c = _config()
+    c.checkpoint.keep, c.checkpoint.keep_every = 2, 3
     mesh = sharding.make_mesh(c)
-    state, data = checkpoint.Checkpointer(str(tmp_path), c).restore_latest(compiled.abstract_state(c, mesh))
-    assert int(state["step"]) == 0 and data == {"consumed": 8}  # step 1's payload
+    state = compiled.init_state(c, mesh)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), c)
+    for s in range(1, 8):
+        ckpt.save(s, state, {"consumed": s})
+    ckpt.close()
+    assert sorted(int(d) for d in os.listdir(ckpt.directory)) == [3, 6, 7]
+
+
+def test_edited_manifest_is_caught_by_its_seal(tmp_path):
+    c, _, directory = _saved(tmp_path)
+    path = os.path.join(directory, "1", manifest.NAME)
+    m = json.load(open(path))
+    m["config"]["train"]["lr"] = 1.0  # a deliberate edit, with the file hashes left valid
+    json.dump(m, open(path, "w"))
+    r = subprocess.run(["heft", "verify", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and "does not match its seal" in r.stdout, r.stdout + r.stderr
+    with pytest.raises(manifest.CheckpointError, match="does not match its seal"):
+        checkpoint.Checkpointer(str(tmp_path), c).latest()
+
+
+@pytest.mark.parametrize("content", ["{}", "[1, 2, 3]", '{"files": {"a": 3}}', "not json"])
+def test_manifest_of_the_wrong_shape_is_one_error(tmp_path, content):
+    c, _, directory = _saved(tmp_path)
+    step = os.path.join(directory, "1")
+    open(os.path.join(step, manifest.NAME), "w").write(content)
+    m = json.loads(content) if content.startswith(("{", "[")) else None
+    open(os.path.join(step, manifest.SEAL), "w").write(json.dumps({"manifest_sha256": manifest.digest(m) if isinstance(m, dict) else ""}))
+    with pytest.raises(manifest.CheckpointError, match="not a heft manifest|not valid JSON"):
+        manifest.read(step)
+
+
+def test_signed_seals_verify_with_their_key_and_not_with_another(tmp_path):
+    private = str(tmp_path / "key.pem")
+    public = manifest.new_key(private)
+    other = manifest.new_key(str(tmp_path / "other.pem"))
+    c = _config()
+    c.checkpoint.signing_key = private
+    mesh = sharding.make_mesh(c)
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), c)
+    ckpt.save(1, compiled.init_state(c, mesh), {"consumed": 8})
+    ckpt.close()
+    step = os.path.join(ckpt.directory, "1")
+    assert manifest.verify(step, public)["step"] == 1
+    with pytest.raises(manifest.CheckpointError, match="signature does not verify"):
+        manifest.verify(step, other)
+    c.checkpoint.verify_key = other
+    with pytest.raises(manifest.CheckpointError, match="signature does not verify"):
+        checkpoint.Checkpointer(str(tmp_path / "run"), c).latest()
+    r = subprocess.run(["heft", "verify", str(tmp_path / "run"), f"--key={public}"], capture_output=True, text=True)
+    assert r.returncode == 0 and "seal signed and ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_resume_refuses_a_different_model_naming_the_fields(tmp_path):
+    c, _, _ = _saved(tmp_path)
+    changed = _config()
+    changed.model.width, changed.model.remat = 128, "full"  # remat only changes how it runs: allowed
+    ckpt = checkpoint.Checkpointer(str(tmp_path), changed)
+    with pytest.raises(manifest.CheckpointError, match=r"model.width=64 in the checkpoint but 128 now") as e:
+        ckpt.check_config(ckpt.latest())
+    assert "remat" not in str(e.value)
+    changed.model.width = 64
+    changed.train.lr = 1e-3
+    assert any(n.startswith("train.lr:") for n in ckpt.check_config(ckpt.latest()))
+
+
+def test_resume_refuses_a_changed_corpus_unless_allowed(tmp_path):
+    c, state, _ = _saved(tmp_path)
+
+    class Prepared:  # what data.prepare returns, as far as custody reads it
+        def __init__(self, corpus_hash, tokenizer_hash):
+            self.metadata = {"corpus": "x", "sources": [{"sha256": corpus_hash}], "tokenizer": {"sha256": tokenizer_hash}}
+            self.tokenizer_path = None
+
+    ckpt = checkpoint.Checkpointer(str(tmp_path), c, prepared=Prepared("aaa", "t1"))
+    ckpt.save(2, state, {"consumed": 16})
+    ckpt.close()
+    resume = checkpoint.Checkpointer(str(tmp_path), c).latest()
+    assert checkpoint.Checkpointer(str(tmp_path), c).check_data(resume, Prepared("aaa", "t1")) is None
+    with pytest.raises(manifest.CheckpointError, match="corpus differs: .* holds other text than step 2.*allow_data_change=true"):
+        checkpoint.Checkpointer(str(tmp_path), c).check_data(resume, Prepared("bbb", "t2"))
+    c.checkpoint.allow_data_change = True
+    with pytest.raises(manifest.CheckpointError, match="holds no tokenizer.model"):  # saved without one
+        checkpoint.Checkpointer(str(tmp_path), c).check_data(resume, Prepared("bbb", "t2"))
 
 
 def test_params_only_checkpoint_is_smaller_and_loads_onto_another_mesh(tmp_path):
@@ -89,9 +198,12 @@ def test_params_only_checkpoint_is_smaller_and_loads_onto_another_mesh(tmp_path)
         jax.tree.map(np.testing.assert_array_equal, state["params"], jax.device_get(params))
 
 
-def test_missing_checkpoint_is_one_clear_error(tmp_path):
+def test_missing_checkpoint_or_a_file_is_one_clear_error(tmp_path):
     with pytest.raises(manifest.CheckpointError, match="does not exist"):
         checkpoint.load_params(str(tmp_path / "nope"))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(manifest.CheckpointError, match="is a file, not a checkpoint"):
+        checkpoint.load_params(str(tmp_path / "file.txt"))
 
 
 KILLED_MID_SAVE = """
@@ -104,19 +216,20 @@ mesh = sharding.make_mesh(c)
 state = compiled.init_state(c, mesh)
 ckpt = checkpoint.Checkpointer({workdir!r}, c)
 ckpt.save(1, state, {{"consumed": 8}})
-ckpt.manager.wait_until_finished()
-ckpt.tick()
+ckpt.wait()
 state["step"] = state["step"] + 1
 ckpt.save(2, state, {{"consumed": 16}})  # async: returns while the save is still being written
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_process_killed_during_async_save_resumes_from_the_previous_step(tmp_path):
+def test_process_killed_during_async_save_resumes_from_a_complete_step(tmp_path):
     code = KILLED_MID_SAVE.format(tests=os.path.dirname(__file__), workdir=str(tmp_path))
     r = subprocess.run(["python", "-c", code], capture_output=True, text=True)
     assert r.returncode == -9, r.stderr[-2000:]
     c = _config()
     state, data = checkpoint.Checkpointer(str(tmp_path), c).restore_latest(
         compiled.abstract_state(c, sharding.make_mesh(c)))
-    assert int(state["step"]) == 0 and data == {"consumed": 8}
+    # Step 2 was cut short (removed) or had committed (sealed now): either way a complete step.
+    assert (int(state["step"]), data) in [(0, {"consumed": 8}), (1, {"consumed": 16})]
+    assert subprocess.run(["heft", "verify", str(tmp_path)], capture_output=True).returncode == 0

@@ -1,25 +1,43 @@
 """Saving and restoring with orbax: whole train states for resuming, parameters for serving.
 
-A training checkpoint is WORKDIR/checkpoints/STEP/ with orbax items `state` (step, params,
-optimizer state: sharded arrays, no pickle) and `data` (the loader's position, JSON), the
-tokenizer model, and the manifest (`train/manifest.py`) written once the save has committed.
+A training checkpoint is WORKDIR/checkpoints/STEP/ with three orbax items: `state` (step, params,
+optimizer state: sharded arrays, no pickle), `data` (the loader's position) and `facts` (the
+config, the code version, the data's hashes and the tokenizer, so that a step can be sealed by a
+later process exactly as the run that wrote it would have). Once orbax has committed a save, the
+hosts hash it and process 0 writes the manifest and the seal (custody.py, manifest.py) — in a
+background thread, while training goes on. Only sealed steps are restored.
+
+What each failure leaves, and what the next start does:
+- killed while orbax writes a step: the step is uncommitted, and is removed;
+- killed after the commit, before the seal: the step is complete, and is sealed then;
+- the disk fills up: the run stops in one line naming the step and the newest complete one;
+- retention deletes old steps only after a newer one is sealed, seal first, so a half-deleted step
+  is never taken for a complete one.
 A parameters-only checkpoint is a directory with `params/`, `config.json`, the tokenizer and a
-manifest. Both restore onto any mesh: arrays are read straight into the shards the target mesh
-asks for, never gathered on one host.
+manifest. Both kinds restore onto any mesh: arrays are read straight into the shards the target
+mesh asks for, never gathered on one host.
 """
 
+import base64
+import dataclasses
+import datetime
+import hashlib
 import json
-import os
-import shutil
+import re
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from orbax.checkpoint import path as ocp_path
 
-from heft.train import manifest
+from heft.train import custody, manifest, storage
 from heft.train.manifest import CheckpointError
 
 TOKENIZER = "tokenizer.model"
+ITEMS = ("state", "data", "facts")
+_TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+# Model fields that change how a model runs but not what its parameters mean: free to change on resume.
+RUNTIME_MODEL_FIELDS = ("remat", "scan_layers", "compute_dtype")
 
 
 def config_to_json(config) -> str:
@@ -30,117 +48,384 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(text))
 
 
-def _facts(config, prepared=None, **more) -> dict:
-    facts = {"config": json.loads(config_to_json(config)), "code_version": manifest.code_version(), **more}
-    if prepared is not None:
-        facts["data"] = getattr(prepared, "metadata", {})
-    return facts
+def _config_dict(config) -> dict:
+    return json.loads(config_to_json(config))
 
 
-def _tokenizer_path(prepared):
-    return getattr(prepared, "tokenizer_path", None) if prepared is not None else None
+def data_facts(prepared) -> dict:
+    """What identifies the data a run trains on: the tokenizer's and the corpus's hashes."""
+    if prepared is None:
+        return {}
+    meta = getattr(prepared, "metadata", {}) or {}
+    sources = [s.get("sha256", "") for s in meta.get("sources", [])]
+    return {
+        "corpus": meta.get("corpus"),
+        "corpus_sha256": hashlib.sha256("\n".join(sources).encode()).hexdigest() if sources else None,
+        "tokenizer_sha256": (meta.get("tokenizer") or {}).get("sha256"),
+        "documents": meta.get("documents"),
+        "tokens": meta.get("tokens"),
+    }
+
+
+def _tokenizer_bytes(prepared) -> bytes | None:
+    p = getattr(prepared, "tokenizer_path", None) if prepared is not None else None
+    return storage.path(p).read_bytes() if p and storage.path(p).exists() else None
+
+
+def committed(directory) -> bool:
+    """Whether orbax finished writing the step at `directory` (renamed into place / commit file written)."""
+    directory = storage.path(directory)
+    return directory.exists() and ocp_path.step.is_checkpoint_finalized(directory)
+
+
+def read_facts(step_dir) -> dict:
+    """The `facts` item a training save wrote (what sealing needs)."""
+    return storage.read_json(storage.path(step_dir) / "facts" / "metadata")
+
+
+def _seal_facts(facts: dict) -> tuple[dict, dict]:
+    """(manifest facts, extra files to write beside the data) from a save's facts item."""
+    facts = dict(facts)
+    tokenizer = facts.pop("tokenizer_base64", None)
+    return facts, ({TOKENIZER: base64.b64decode(tokenizer)} if tokenizer else {})
+
+
+def _diff(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted field, saved value, current value) for every field that differs."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
+def _fields(diffs) -> str:
+    return ", ".join(f"{k}={a!r} in the checkpoint but {b!r} now" for k, a, b in diffs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """The newest sealed step of a workdir and its manifest."""
+
+    step: int
+    directory: object  # epath.Path
+    manifest: dict
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        p = self.directory / TOKENIZER
+        return str(p) if TOKENIZER in self.manifest["files"] else None
 
 
 class Checkpointer:
-    """Async sharded saves of the train state every N steps; resume from the newest complete one."""
+    """Async sharded saves of the train state, sealed in the background; resume from the newest sealed.
 
-    def __init__(self, workdir: str, config, prepared=None):
-        self.config, self.prepared = config, prepared
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    Creating one (every process, at start) makes the workdir consistent first: a committed but
+    unsealed newest step is sealed, cut-short and superseded ones are removed, each said in a line.
+    """
+
+    def __init__(self, workdir, config, prepared=None, note=print):
+        self.config, self.prepared, self.note = config, prepared, note
+        self.directory = storage.path(workdir) / "checkpoints"
         k = config.checkpoint
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=k.keep, keep_period=k.keep_every or None,
-            enable_async_checkpointing=k.async_save, create=True,
+            max_to_keep=None,  # retention is heft's (`_retain`): orbax cannot tell sealed steps from unsealed
+            enable_async_checkpointing=k.async_save, create=True, cleanup_tmp_directories=False,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
-        self.unsealed: list[int] = []  # saved steps whose manifest is not written yet
+        if self.process_index == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self._recover()
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.custodian = custody.Custodian(self.process_index, self.process_count, committed,
+                                           after_seal=self._retain, signing_key=k.get("signing_key") or None)
+        self.started: list[int] = []  # steps this run began to save
 
-    def step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+    # The workdir's steps.
 
-    def save(self, step: int, state: dict, loader_state: dict, force: bool = False) -> None:
-        if step in self.manager.all_steps():
-            return
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(loader_state)), force=force)
-        self.unsealed.append(step)
-        if not self.config.checkpoint.async_save:
-            self.tick()
+    def step_dir(self, step: int):
+        return self.directory / str(step)
 
-    def tick(self) -> None:
-        """Seals saves that have committed: tokenizer copied in, manifest written (process 0)."""
-        if not self.unsealed or self.manager.is_saving_in_progress():
-            return
-        self.manager.check_for_errors()
-        for step in self.unsealed:
-            if jax.process_index() == 0 and os.path.isdir(self.step_dir(step)):
-                seal(self.step_dir(step), self.config, self.prepared, step=step,
-                     tokens_seen=step * self.config.train.batch_size * self.config.train.seq_len)
-        self.unsealed = []
+    def _listing(self) -> tuple[list[int], list]:
+        """(steps, tmp directories) under checkpoints/."""
+        steps, tmp = [], []
+        if not self.directory.exists():
+            return steps, tmp
+        for p in self.directory.iterdir():
+            if p.name.isdigit():
+                steps.append(int(p.name))
+            elif _TMP.match(p.name):
+                tmp.append(p)
+        return sorted(steps), tmp
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.tick()
-        self.manager.close()
+    def sealed_steps(self) -> list[int]:
+        return [s for s in self._listing()[0] if manifest.is_sealed(self.step_dir(s))]
 
-    def restore_latest(self, abstract_state: dict):
-        """(state, loader state) from the newest complete checkpoint, or None if there is none.
+    def _remove(self, p) -> None:
+        """Deletes a step directory, its seal first, so that a half-deleted step never looks complete."""
+        (p / manifest.SEAL).unlink(missing_ok=True)
+        p.rmtree(missing_ok=True)
 
-        A checkpoint without a manifest (its save never finished) is skipped with a warning; one whose
-        files do not match its manifest stops the run with CheckpointError naming the file.
-        """
-        for step in sorted(self.manager.all_steps(), reverse=True):
+    def _barrier(self, name: str) -> None:
+        if self.process_count > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"heft: {name}")
+
+    def _recover(self) -> None:
+        """Seals the newest committed-but-unsealed step, removes what cannot be trusted, applies retention."""
+        steps, tmp = self._listing()
+        sealed = [s for s in steps if manifest.is_sealed(self.step_dir(s))]
+        newest = max(sealed, default=None)
+        for step in sorted((s for s in steps if s not in sealed), reverse=True):
             directory = self.step_dir(step)
-            if not manifest.exists(directory):
-                print(f"heft: skipping incomplete checkpoint {directory} (no manifest: the save did not finish)",
-                      flush=True)
+            if (newest is None or step > newest) and committed(directory) and self._sealable(directory):
+                facts, extra = _seal_facts(read_facts(directory))
+                custody.seal(directory, facts, self.process_index, self.process_count, extra_files=extra,
+                             signing_key=self.config.checkpoint.get("signing_key") or None)
+                self._barrier(f"sealed {step}")
+                self.note(f"heft: sealed step {step} in {self.directory}: its save had completed but the run "
+                          "stopped before sealing it")
+                newest = step
                 continue
-            if self.config.checkpoint.verify:
-                manifest.verify(directory)
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-            return restored.state, restored.data
+            if self.process_index == 0:
+                self._remove(directory)
+            why = "its save was cut short" if not committed(directory) or step > (newest or -1) else \
+                f"it is older than sealed step {newest}"
+            self.note(f"heft: removed unsealed step {step} from {self.directory} ({why})")
+        for p in tmp:
+            if self.process_index == 0:
+                p.rmtree(missing_ok=True)
+            self.note(f"heft: removed the unfinished save of step {_TMP.match(p.name).group(1)} from {self.directory}")
+        if self.process_index == 0:
+            if newest is not None:
+                self._retain(newest)
+        self._barrier("checkpoints recovered")
+
+    def _sealable(self, directory) -> bool:
+        try:
+            read_facts(directory)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def _retain(self, newest: int) -> None:
+        """After `newest` is sealed: keep the `checkpoint.keep` newest sealed steps and every
+        `keep_every`-th; remove older sealed steps and unsealed leftovers below `newest`."""
+        k = self.config.checkpoint
+        steps, _ = self._listing()
+        sealed = [s for s in steps if s <= newest and manifest.is_sealed(self.step_dir(s))]
+        keep = set(sealed[-max(k.keep, 1):]) | {newest}
+        if k.keep_every:
+            keep |= {s for s in sealed if s % k.keep_every == 0}
+        for s in steps:
+            if s < newest and s not in keep:
+                self._remove(self.step_dir(s))
+
+    def latest(self) -> Resume | None:
+        """The newest sealed step with its manifest (seal checked), or None for a fresh workdir."""
+        sealed = self.sealed_steps()
+        if not sealed:
+            return None
+        directory = self.step_dir(sealed[-1])
+        return Resume(sealed[-1], directory, manifest.read(directory, self.config.checkpoint.get("verify_key") or None))
+
+    # Resuming under the same config and data.
+
+    def check_config(self, resume: Resume) -> list[str]:
+        """Raises CheckpointError if the model differs from the checkpoint's; returns notes on other changes."""
+        diffs = _diff(resume.manifest.get("config", {}), _config_dict(self.config))
+        model = [d for d in diffs if d[0].startswith("model.") and d[0][len("model."):] not in RUNTIME_MODEL_FIELDS]
+        if model:
+            raise CheckpointError(
+                f"the model differs from the checkpoint's (step {resume.step} in {self.directory}): {_fields(model)}; "
+                "resume with the checkpoint's model config or train in a new --workdir")
+        return [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs if not k.startswith(("data.", "name"))]
+
+    def check_data(self, resume: Resume, prepared) -> str | None:
+        """Whether the prepared data is the checkpoint's. Raises CheckpointError if the corpus changed
+        and `checkpoint.allow_data_change` is off; returns "retokenize" when the data must be
+        prepared again with the checkpoint's own tokenizer, else None."""
+        saved, now = resume.manifest.get("data") or {}, data_facts(prepared)
+        corpus_changed = saved.get("corpus_sha256") and saved["corpus_sha256"] != now.get("corpus_sha256")
+        if corpus_changed and not self.config.checkpoint.allow_data_change:
+            what = (f"data.corpus={now.get('corpus')!r} holds other text than" if saved.get("corpus") == now.get("corpus")
+                    else f"data.corpus={now.get('corpus')!r} is not data.corpus={saved.get('corpus')!r}, the corpus of")
+            raise CheckpointError(
+                f"the corpus differs: {what} step {resume.step} in {self.directory}; restore that corpus, or pass "
+                "--config.checkpoint.allow_data_change=true to continue on the new text with the checkpoint's "
+                "tokenizer")
+        if saved.get("tokenizer_sha256") and saved["tokenizer_sha256"] != now.get("tokenizer_sha256"):
+            if resume.tokenizer_path is None:
+                raise CheckpointError(f"step {resume.step} in {self.directory} holds no {TOKENIZER} and this "
+                                      "run's tokenizer differs from its own; restore the original corpus and cache")
+            return "retokenize"
         return None
 
+    def restore(self, resume: Resume, abstract_state: dict):
+        """(state, loader state) of `resume`, read into `abstract_state`'s shardings.
 
-def seal(directory: str, config, prepared=None, **facts) -> dict:
-    tokenizer = _tokenizer_path(prepared)
-    if tokenizer and os.path.exists(tokenizer):
-        shutil.copyfile(tokenizer, os.path.join(directory, TOKENIZER))
-    return manifest.write(directory, **_facts(config, prepared, **facts))
+        Every host verifies its share of the files first (`checkpoint.verify`); a mismatch stops the
+        run with CheckpointError naming the file.
+        """
+        if self.config.checkpoint.verify:
+            custody.verify(resume.directory, self.process_index, self.process_count,
+                           self.config.checkpoint.get("verify_key") or None, custody.gather_ints())
+        try:
+            restored = self.manager.restore(resume.step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"step {resume.step} in {self.directory} does not fit this run's train state "
+                                  f"({first}); resume with the config it was saved with") from None
+        return restored.state, restored.data
+
+    def restore_latest(self, abstract_state: dict):
+        """(state, loader state) from the newest sealed checkpoint, or None if there is none."""
+        resume = self.latest()
+        return None if resume is None else self.restore(resume, abstract_state)
+
+    # Saving.
+
+    def _facts(self, step: int) -> dict:
+        t = self.config.train
+        facts = {
+            "config": _config_dict(self.config),
+            "code_version": manifest.code_version(),
+            "data": data_facts(self.prepared),
+            "step": step,
+            "tokens_seen": step * t.batch_size * t.seq_len,
+            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "processes": self.process_count,
+        }
+        tokenizer = _tokenizer_bytes(self.prepared)
+        if tokenizer is not None:
+            facts["tokenizer_base64"] = base64.b64encode(tokenizer).decode()
+        return facts
+
+    def save(self, step: int, state: dict, loader_state: dict) -> None:
+        """Starts an async save of `step` (returns once the arrays are copied off the devices)."""
+        self.custodian.raise_error()
+        if step in self.manager.all_steps():
+            return
+        facts = self._facts(step)
+        self.started.append(step)
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(loader_state),
+            facts=ocp.args.JsonSave(facts)), force=True)
+        self.custodian.add(step, self.step_dir(step), *_seal_facts(facts))
+        if not self.config.checkpoint.async_save:
+            self.wait()
+
+    def wait(self) -> None:
+        """Blocks until every save has committed (not necessarily sealed)."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for every save to commit and be sealed."""
+        try:
+            self.manager.wait_until_finished()
+        except BaseException:
+            for step in self.manager.all_steps():
+                self.custodian.abandon(step)
+            self.custodian.close()
+            raise
+        finally:
+            self.manager.close()
+        self.custodian.close()
+
+    def abort(self) -> None:
+        """After a failed save: stop waiting for it, remove what it left uncommitted, keep the rest.
+
+        Steps that committed stay (the next start seals them if it can); sealed ones are untouched.
+        """
+        uncommitted = [s for s in self.started if not committed(self.step_dir(s))]
+        for step in uncommitted:
+            self.custodian.abandon(step)
+        for close in (self.custodian.close, self.manager.close):
+            try:
+                close()
+            except BaseException:  # the failure being reported is the first one
+                pass
+        if self.process_index == 0:
+            for step in uncommitted:
+                self._remove(self.step_dir(step))
+            for p in self._listing()[1]:
+                p.rmtree(missing_ok=True)
+
+    def out_of_space(self, error: BaseException, writer_path=None) -> CheckpointError:
+        """The one-line error for a full disk, after `abort` (the newest sealed step stays intact)."""
+        unsealed = [s for s in self.started if not manifest.is_sealed(self.step_dir(s))]
+        self.abort()
+        sealed = self.sealed_steps()
+        newest = f"step {sealed[-1]}" if sealed else "none: no save completed"
+        what = f"saving step {min(unsealed)}" if unsealed else f"writing {writer_path or self.directory}"
+        return CheckpointError(f"no space left on {storage.device_of(self.directory)} while {what}; "
+                               f"the newest complete checkpoint is {newest}")
+
+
+# Parameters-only checkpoints.
 
 
 def save_params(directory: str, config, params: dict, tokenizer_path: str | None = None, **facts) -> None:
     """A parameters-only checkpoint (for serving, evaluation, conversion): smaller than a train state."""
-    directory = os.path.abspath(directory)
-    if os.path.exists(os.path.join(directory, "params")):
-        raise CheckpointError(f"{directory} already holds a checkpoint; choose a new directory")
-    os.makedirs(directory, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(directory, "params"), params)
-        ckptr.wait_until_finished()
+    directory = storage.path(directory)
+    if (directory / "params").exists() or (directory.exists() and not directory.is_dir()):
+        raise CheckpointError(f"{directory} already exists and is not an empty directory; choose a new one")
     if jax.process_index() == 0:
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            f.write(config_to_json(config))
-        if tokenizer_path:
-            shutil.copyfile(tokenizer_path, os.path.join(directory, TOKENIZER))
-        manifest.write(directory, **_facts(config, **facts))
+        directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / "params", params)
+        ckptr.wait_until_finished()
+    extra = {"config.json": config_to_json(config).encode()}
+    if tokenizer_path:
+        extra[TOKENIZER] = storage.path(tokenizer_path).read_bytes()
+    all_facts = {"config": _config_dict(config), "code_version": manifest.code_version(), **facts}
+    custody.seal(directory, all_facts, jax.process_index(), jax.process_count(), extra_files=extra)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("heft: params saved")
 
 
-def resolve(path: str) -> str:
-    """A checkpoint directory from a workdir, a checkpoints/ dir, a step dir or a params-only dir:
-    for a workdir, its newest complete step."""
-    path = os.path.abspath(path)
-    if not os.path.exists(path):
+def _step_dirs(path) -> list:
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    return [root / d for d in sorted((p.name for p in root.iterdir() if p.name.isdigit()), key=int)]
+
+
+def is_checkpoint(path) -> bool:
+    """A single checkpoint: sealed, or holding a train state or parameters (perhaps unsealed)."""
+    path = storage.path(path)
+    return manifest.is_sealed(path) or any((path / item).is_dir() for item in ("state", "params"))
+
+
+def checkpoints_in(path) -> list:
+    """The checkpoint directories `path` names: itself, or each step of a workdir / checkpoints folder."""
+    path = storage.path(path)
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; pass a workdir, a step directory "
                               "or a parameters-only checkpoint")
-    if manifest.is_checkpoint(path):
-        return path
-    for candidate in reversed(manifest.step_dirs(path)):
-        if manifest.exists(candidate):
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a checkpoint; pass a workdir, a step directory "
+                              "or a parameters-only checkpoint directory")
+    return [path] if is_checkpoint(path) else _step_dirs(path)
+
+
+def resolve(path: str):
+    """A checkpoint directory from a workdir, a checkpoints/ dir, a step dir or a params-only dir:
+    for a workdir, its newest sealed step."""
+    candidates = checkpoints_in(path)
+    for candidate in reversed(candidates):
+        if manifest.is_sealed(candidate):
             return candidate
-        print(f"heft: skipping incomplete checkpoint {candidate}", flush=True)
-    raise CheckpointError(f"{path} holds no complete checkpoint; train first or pass another directory")
+        if len(candidates) > 1 or candidate != storage.path(path):
+            print(f"heft: skipping incomplete checkpoint {candidate}", flush=True)
+    if len(candidates) == 1 and candidates[0] == storage.path(path):
+        raise CheckpointError(f"{path} has no {manifest.SEAL}: its save never completed; use an earlier checkpoint")
+    raise CheckpointError(f"{storage.path(path)} holds no complete checkpoint; train first or pass another directory")
 
 
 def serving_mesh(config):
@@ -152,35 +437,37 @@ def serving_mesh(config):
     return sharding.make_mesh(config)
 
 
-def read_config(directory: str) -> ml_collections.ConfigDict:
+def read_config(directory) -> ml_collections.ConfigDict:
     """The config a checkpoint was saved with (from its manifest)."""
     return config_from_json(json.dumps(manifest.read(resolve(directory))["config"]))
 
 
-def load_params(directory: str, mesh=None, verify: bool = True, config=None):
+def load_params(directory, mesh=None, verify: bool = True, config=None):
     """(config, params, tokenizer path or None) from any checkpoint, placed on `mesh` if given
     (default: `serving_mesh`). `config` replaces the checkpoint's own (e.g. with another mesh or
     batch size); its model fields must match."""
+    from heft.model.decoder import init_params
     from heft.train import sharding
 
     directory = resolve(directory)
-    facts = manifest.verify(directory) if verify else manifest.read(directory)
+    if verify:
+        facts = custody.verify(directory, jax.process_index(), jax.process_count(), gather=custody.gather_ints())
+    else:
+        facts = manifest.read(directory)
     if config is None:
         config = config_from_json(json.dumps(facts["config"]))
     mesh = mesh if mesh is not None else serving_mesh(config)
     shardings = sharding.param_dict_shardings(config.model, mesh, config)
-    from heft.model.decoder import init_params
-
     shapes = jax.eval_shape(lambda: init_params(config.model, 0))
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    if os.path.isdir(os.path.join(directory, "params")):
+    if (directory / "params").is_dir():
         with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(os.path.join(directory, "params"), abstract)
+            params = ckptr.restore(directory / "params", abstract)
     else:  # a training checkpoint: read only the parameters out of the train state
         restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), abstract)
         with ocp.PyTreeCheckpointer() as ckptr:
-            state = ckptr.restore(os.path.join(directory, "state"), args=ocp.args.PyTreeRestore(
+            state = ckptr.restore(directory / "state", args=ocp.args.PyTreeRestore(
                 item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True))
         params = state["params"]
-    tokenizer = os.path.join(directory, TOKENIZER)
-    return config, params, (tokenizer if os.path.exists(tokenizer) else None)
+    tokenizer = directory / TOKENIZER
+    return config, params, (str(tokenizer) if TOKENIZER in facts["files"] else None)

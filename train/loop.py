@@ -14,20 +14,20 @@ from jax.experimental import multihost_utils
 from heft.data import loader as data_loader
 from heft.data import prepare as data_prepare
 from heft.model import checks, size
-from heft.train import checkpoint, compiled, metrics, peak, sharding
+from heft.train import checkpoint, compiled, lock, metrics, peak, sharding, storage
 
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-def prepare_data(config):
+def prepare_data(config, tokenizer_path=None):
     """Process 0 prepares (tokenizer, token store; cached), then the others load what it wrote."""
     if jax.process_index() == 0:
-        prepared = data_prepare.prepare(config)
+        prepared = data_prepare.prepare(config, tokenizer_path=tokenizer_path)
     multihost_utils.sync_global_devices("heft: data prepared")
     if jax.process_index() != 0:
-        prepared = data_prepare.prepare(config)
+        prepared = data_prepare.prepare(config, tokenizer_path=tokenizer_path)
     return prepared
 
 
@@ -73,37 +73,105 @@ def check(config, mesh) -> None:
     sharding.param_dict_shardings(config.model, mesh, config)  # divisibility of every parameter
 
 
-def fit_before_launch(config, mesh) -> None:
-    """On a TPU, compile the step first and stop with the plan's numbers if it cannot fit in HBM."""
-    from heft.launch import plan
+def fit_before_launch(config, mesh):
+    """On a TPU, compile the step first and stop with the plan's numbers if it cannot fit in HBM.
 
+    Returns the compiled step (the loop runs it: one compile, not two), or None on a chip the plan's
+    table does not know (then training goes on without the check, with a warning).
+    """
+    from heft.launch import chips, plan
+
+    kind = jax.devices()[0].device_kind
+    if chips.by_kind(kind) is None:
+        _note(f"heft: no chip table entry for TPU device kind {kind!r}: training without the memory fit check")
+        return None
     p = plan.fit_check(config, mesh)
     if not p.fits:
         raise checks.ConfigError("this run does not fit in TPU memory:\n" + plan.table(p))
+    return p.executable
+
+
+def _broadcast_text(text: str, size: int = 4096) -> str:
+    """Process 0's `text` on every process (truncated to `size` bytes)."""
+    if jax.process_count() == 1:
+        return text
+    buf = np.zeros(size, np.uint8)
+    raw = text.encode()[:size]
+    buf[: len(raw)] = np.frombuffer(raw, np.uint8)
+    out = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return bytes(out[out != 0].tolist()).decode(errors="replace")
+
+
+def take_workdir(workdir, note=print):
+    """Process 0 takes the workdir's lock; every process raises WorkdirInUse if it could not."""
+    held, error = None, ""
+    if jax.process_index() == 0:
+        held = lock.WorkdirLock(workdir)
+        try:
+            warning = held.acquire()
+            if warning:
+                note(f"heft: {warning}")
+        except checkpoint.CheckpointError as e:
+            held, error = None, str(e)
+    error = _broadcast_text(error)
+    if error:
+        raise lock.WorkdirInUse(error)
+    return held
 
 
 def train(config, workdir: str, stop_requested=lambda step: False) -> dict:
-    """Trains `config` in `workdir` (resuming from its newest checkpoint); returns a summary dict.
+    """Trains `config` in `workdir` (resuming from its newest sealed checkpoint); returns a summary dict.
 
     `stop_requested(step)` is asked after every step; True saves a checkpoint there and returns
-    {"stopped_at": step} (a preemption signal, or a planned stop).
+    {"stopped_at": step} (a preemption signal, or a planned stop). A workdir whose newest checkpoint
+    is already at `train.steps` returns {"already_done": step}. One run at a time holds the workdir.
     """
     mesh = sharding.make_mesh(config)
     check(config, mesh)
-    t = config.train
-    prepared = prepare_data(config)
-    loader = make_loader(config, prepared)
-    ckpt = checkpoint.Checkpointer(workdir, config, prepared)
+    held = take_workdir(workdir)
+    try:
+        return _train(config, workdir, mesh, stop_requested, held)
+    finally:
+        if held is not None:
+            held.release()
 
-    if jax.devices()[0].platform == "tpu":
-        fit_before_launch(config, mesh)
+
+def _note(text: str) -> None:
+    if jax.process_index() == 0:
+        print(text, flush=True)
+
+
+def _train(config, workdir, mesh, stop_requested, held) -> dict:
+    t = config.train
+    ckpt = checkpoint.Checkpointer(workdir, config, note=_note)
+    resume = ckpt.latest()
+    if resume is not None:
+        for change in ckpt.check_config(resume):
+            _note(f"heft: resuming with a changed setting: {change}")
+        if resume.step >= t.steps:
+            ckpt.close()
+            return {"already_done": resume.step, "steps": t.steps}
+    prepared = prepare_data(config)
+    new_corpus = False
+    if resume is not None and ckpt.check_data(resume, prepared) == "retokenize":
+        new_corpus = resume.manifest.get("data", {}).get("corpus_sha256") != checkpoint.data_facts(prepared)["corpus_sha256"]
+        _note(f"heft: tokenizing {'the new corpus' if new_corpus else 'the corpus'} with the checkpoint's own tokenizer")
+        prepared = prepare_data(config, tokenizer_path=resume.tokenizer_path)
+    ckpt.prepared = prepared
+    loader = make_loader(config, prepared)
+
     abstract = compiled.abstract_state(config, mesh)
-    restored = ckpt.restore_latest(abstract)
-    if restored is None:
+    step_fn = None
+    if jax.devices()[0].platform == "tpu":
+        step_fn = fit_before_launch(config, mesh)
+    if resume is None:
         state = compiled.init_state(config, mesh)
     else:
-        state, loader_state = restored
-        loader.restore(loader_state)
+        state, loader_state = ckpt.restore(resume, abstract)
+        if new_corpus:
+            _note("heft: the corpus changed (checkpoint.allow_data_change): reading it from its start")
+        else:
+            loader.restore(loader_state)
     start = int(state["step"])
 
     report = size.report(config, t.batch_size, t.seq_len)
@@ -114,13 +182,14 @@ def train(config, workdir: str, stop_requested=lambda step: False) -> dict:
 
     with sharding.activated(mesh, config):
         compile_start = time.perf_counter()
-        step_fn = compiled.train_step(config, mesh).lower(abstract, compiled.abstract_batch(config, mesh)).compile()
+        if step_fn is None:
+            step_fn = compiled.train_step(config, mesh).lower(abstract, compiled.abstract_batch(config, mesh)).compile()
         compile_s = time.perf_counter() - compile_start
         eval_fn = compiled.eval_step(config, mesh)
 
-    writer = metrics.Writer(workdir)
+    writer = metrics.Writer(workdir, start)
     progress = metrics.Progress(t.steps, start)
-    if restored is not None:
+    if resume is not None:
         progress.note(f"resumed from step {start} in {ckpt.directory}")
     progress.note(f"{report['total_params']:,} parameters on mesh {dict(mesh.shape)}; "
                   f"step compiled in {compile_s:.1f} s")
@@ -130,53 +199,59 @@ def train(config, workdir: str, stop_requested=lambda step: False) -> dict:
     step = start
     last = {}
     pending = None  # the previous step's metrics: checked one step late so dispatch stays ahead
-    while step < t.steps:
-        batch = data_loader.global_batch(loader.next(), batch_sharding)
-        state, step_metrics = step_fn(state, batch)
-        step += 1
-        interval_steps += 1
+    try:
+        while step < t.steps:
+            batch = data_loader.global_batch(loader.next(), batch_sharding)
+            state, step_metrics = step_fn(state, batch)
+            step += 1
+            interval_steps += 1
+            if pending is not None:
+                skipped += _check_finite(pending, t, progress)
+            pending = (step, step_metrics)
+            if step % t.log_every == 0 or step == t.steps:
+                skipped += _check_finite(pending, t, progress)
+                pending = None
+                if held is not None:
+                    held.check()
+                values = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "finite"}
+                elapsed = time.perf_counter() - interval_start
+                step_time = elapsed / interval_steps
+                values.update(
+                    tokens_per_s=tokens_per_step / step_time,
+                    step_time_s=step_time,
+                    mfu=flops_per_step / step_time / peak_flops,
+                    memory_gb=metrics.memory_in_use_bytes() / 2**30,
+                    tokens_seen=step * tokens_per_step,
+                )
+                losses.append(values["loss"])
+                writer.write(step, values)
+                progress.update(step, values)
+                last = values
+                interval_start, interval_steps = time.perf_counter(), 0
+            if step % t.eval_every == 0 or step == t.steps:
+                eval_loss = heldout_loss(config, mesh, eval_fn, state["params"], prepared)
+                writer.write(step, {"eval_loss": eval_loss})
+                progress.note(f"step {step}: held-out loss {eval_loss:.4f}")
+                interval_start, interval_steps = time.perf_counter(), 0  # eval time is not step time
+            if stop_requested(step) and step < t.steps:
+                ckpt.save(step, state, loader.state())
+                ckpt.close()
+                progress.note(f"stopped at step {step}: checkpoint saved in {ckpt.directory}")
+                writer.close()
+                progress.close()
+                return {"stopped_at": step}
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                ckpt.save(step, state, loader.state())
         if pending is not None:
             skipped += _check_finite(pending, t, progress)
-        pending = (step, step_metrics)
-        if step % t.log_every == 0 or step == t.steps:
-            skipped += _check_finite(pending, t, progress)
-            pending = None
-            values = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "finite"}
-            elapsed = time.perf_counter() - interval_start
-            step_time = elapsed / interval_steps
-            values.update(
-                tokens_per_s=tokens_per_step / step_time,
-                step_time_s=step_time,
-                mfu=flops_per_step / step_time / peak_flops,
-                memory_gb=metrics.memory_in_use_bytes() / 2**30,
-                tokens_seen=step * tokens_per_step,
-            )
-            losses.append(values["loss"])
-            writer.write(step, values)
-            progress.update(step, values)
-            last = values
-            interval_start, interval_steps = time.perf_counter(), 0
-        if step % t.eval_every == 0 or step == t.steps:
-            eval_loss = heldout_loss(config, mesh, eval_fn, state["params"], prepared)
-            writer.write(step, {"eval_loss": eval_loss})
-            progress.note(f"step {step}: held-out loss {eval_loss:.4f}")
-            interval_start, interval_steps = time.perf_counter(), 0  # eval time is not step time
-        saving = step % t.checkpoint_every == 0 or step == t.steps
-        if stop_requested(step) and step < t.steps:
-            ckpt.save(step, state, loader.state(), force=True)
-            ckpt.close()
-            progress.note(f"stopped at step {step}: checkpoint saved in {ckpt.directory}")
-            writer.close()
-            progress.close()
-            return {"stopped_at": step}
-        if saving:
-            ckpt.save(step, state, loader.state())
-        ckpt.tick()
-    if pending is not None:
-        skipped += _check_finite(pending, t, progress)
-    ckpt.close()
-    writer.close()
-    progress.close()
+        ckpt.close()
+        writer.close()
+    except Exception as e:
+        if storage.no_space(e):
+            raise ckpt.out_of_space(e, writer_path=getattr(writer, "path", None)) from None
+        raise
+    finally:
+        progress.close()
     from heft.data.stats import unigram_cross_entropy
 
     return {

@@ -1,12 +1,14 @@
 """`heft train --config=configs/tiny.py --workdir=DIR`: train, resuming from DIR's newest checkpoint.
 
-SIGTERM or SIGINT (a preemption, a Ctrl-C) saves a checkpoint at the current step and exits 0.
+SIGTERM or SIGINT (a preemption, a Ctrl-C) saves a checkpoint at a step every process agrees on
+and exits 0 (train/preemption.py).
 """
 
 import json
-import signal
+import logging
 
 from absl import flags
+from absl import logging as absl_logging
 
 
 def define_flags():
@@ -29,31 +31,37 @@ def summary_text(s: dict) -> str:
             f"(of {s['peak_flops'] / 1e9:,.0f} GFLOP/s peak)")
 
 
+class _OrbaxErrorsRaisedAnyway(logging.Filter):
+    """orbax logs a failed async save (a full disk, say) with three tracebacks before raising it in the
+    training thread, where heft reports it in one line (or, for errors it cannot explain, with the
+    traceback): the logged copies add nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
 def main(argv):
     del argv
     f = flags.FLAGS
+    absl_logging.get_absl_handler().addFilter(_OrbaxErrorsRaisedAnyway())
     from heft.launch import distributed
 
     distributed.initialize(f.coordinator, f.num_processes, f.process_id)
     import jax
 
-    from heft.train import loop
+    from heft.train import loop, preemption
 
-    stop = {"requested": False}
-
-    def request_stop(signum, frame):
-        stop["requested"] = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop = preemption.StopSignal(f.stop_after)
     try:
-        result = loop.train(f.config, f.workdir, stop_requested=lambda step: stop["requested"] or (
-            f.stop_after is not None and step >= f.stop_after))
+        result = loop.train(f.config, f.workdir, stop_requested=stop)
     except loop.NonFiniteLoss as e:
         raise SystemExit(f"heft train: {e}") from None
     if jax.process_index() == 0:
         if "stopped_at" in result:
             print(f"heft train: stopped at step {result['stopped_at']} with a checkpoint; rerun the same command to resume")
+        elif "already_done" in result:
+            print(f"heft train: {f.workdir} is already done: its newest checkpoint is step {result['already_done']} "
+                  f"and train.steps={result['steps']}; raise train.steps to train further")
         else:
             print(summary_text(result))
             print(json.dumps(result))

@@ -1,43 +1,56 @@
-"""Custody of a checkpoint: a manifest of every file's sha256, the config, and where it came from.
+"""Custody of a checkpoint: a manifest of every file's sha256, the config and where it came from,
+and a seal that covers the manifest itself.
 
-A checkpoint directory is complete only once its `manifest.json` exists: it is written after the
-save has been committed, so a process killed mid-save leaves a checkpoint without one, which
-restoring skips. A manifest whose hashes do not match the files is a tampered or damaged
-checkpoint, which restoring refuses, naming the file.
+A checkpoint directory holds, besides its data:
+
+    manifest.json   {"format", "files": {path: {"sha256", "bytes"}}, "config", "data", "step", ...}
+    manifest.seal   {"manifest_sha256": digest of the manifest's canonical JSON, "signature"?}
+
+The seal is written last, so it is what marks a checkpoint complete, on a local disk and on GCS
+alike (GCS has no atomic rename; one object is one upload, visible only whole). A checkpoint is
+trusted only when the seal's digest matches the manifest (an edit of the manifest, such as its
+config, is caught), the files match the manifest (a damaged or replaced file is caught, by name),
+and, when a public key is configured, the seal's ed25519 signature over the digest verifies.
+Hashing is split across hosts (custody.py); this module holds the format and the checks.
 """
 
+import base64
 import hashlib
 import json
-import os
 import subprocess
 
+from heft.train import storage
+
 NAME = "manifest.json"
+SEAL = "manifest.seal"
+FORMAT = "heft-checkpoint-2"
+SCRATCH = "custody"  # per-host partial hashes while sealing; never part of the checkpoint
+NOT_CONTENT = (NAME, SEAL)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that must not be restored; the message names the file and what to do."""
 
 
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+def sha256_file(p) -> tuple[str, int]:
+    """(hex sha256, size in bytes) of one file, read in 8 MiB blocks."""
+    h, n = hashlib.sha256(), 0
+    with storage.path(p).open("rb") as f:
+        while block := f.read(8 << 20):
             h.update(block)
-    return h.hexdigest()
+            n += len(block)
+    return h.hexdigest(), n
 
 
-def _files(directory: str) -> list[str]:
-    out = []
-    for root, _, names in os.walk(directory):
-        for name in names:
-            rel = os.path.relpath(os.path.join(root, name), directory)
-            if rel != NAME:
-                out.append(rel)
-    return sorted(out)
+def content_files(directory) -> list[str]:
+    """The files a manifest must list: everything but the manifest, its seal and custody's scratch."""
+    return [f for f in storage.files_under(directory, skip=(SCRATCH,)) if f not in NOT_CONTENT]
 
 
 def code_version() -> str:
     """The git commit of the heft source in use (with "-dirty" if it has local edits), if any."""
+    import os
+
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
@@ -49,67 +62,162 @@ def code_version() -> str:
     return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
 
 
-def write(directory: str, **facts) -> dict:
-    """Hashes every file under `directory` and writes the manifest atomically beside them."""
-    manifest = {
-        "format": "heft-checkpoint-1",
-        "files": {rel: {"sha256": sha256(os.path.join(directory, rel)),
-                        "bytes": os.path.getsize(os.path.join(directory, rel))}
-                  for rel in _files(directory)},
-        **facts,
-    }
-    tmp = os.path.join(directory, NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(directory, NAME))
+def canonical(manifest: dict) -> bytes:
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def digest(manifest: dict) -> str:
+    return hashlib.sha256(canonical(manifest)).hexdigest()
+
+
+# Signing (optional): `checkpoint.signing_key` signs, `checkpoint.verify_key` is checked on restore.
+
+
+def _crypto():
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError:
+        raise CheckpointError("signing checkpoints needs the cryptography package: "
+                              'pip install "heft[sign]"') from None
+    return serialization, ed25519
+
+
+def sign(digest_hex: str, private_key_path: str) -> str:
+    serialization, ed25519 = _crypto()
+    try:
+        key = serialization.load_pem_private_key(storage.path(private_key_path).read_bytes(), password=None)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint.signing_key={private_key_path} is not a readable PEM private key "
+                              f"({e}); make one with `heft verify --new_key=PATH`") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise CheckpointError(f"checkpoint.signing_key={private_key_path} is not an ed25519 key; use one")
+    return base64.b64encode(key.sign(digest_hex.encode())).decode()
+
+
+def check_signature(directory, seal: dict, public_key_path: str) -> None:
+    serialization, ed25519 = _crypto()
+    try:
+        key = serialization.load_pem_public_key(storage.path(public_key_path).read_bytes())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint.verify_key={public_key_path} is not a readable PEM public key "
+                              f"({e}); pass the .pub file written with the signing key") from None
+    if "signature" not in seal:
+        raise CheckpointError(f"{storage.path(directory) / SEAL} is not signed but checkpoint.verify_key is "
+                              "set; restore only signed checkpoints, or unset verify_key")
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        key.verify(base64.b64decode(seal["signature"]), seal["manifest_sha256"].encode())
+    except (InvalidSignature, ValueError):
+        raise CheckpointError(f"{storage.path(directory) / SEAL}: the signature does not verify with "
+                              f"{public_key_path}: the checkpoint was not signed by its key, or was altered") from None
+
+
+def new_key(private_key_path: str) -> str:
+    """Writes a new ed25519 key pair (PRIVATE and PRIVATE.pub, PEM); returns the public key's path."""
+    serialization, ed25519 = _crypto()
+    key = ed25519.Ed25519PrivateKey.generate()
+    storage.write_bytes(private_key_path, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    public = f"{private_key_path}.pub"
+    storage.write_bytes(public, key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return public
+
+
+# Writing.
+
+
+def write(directory, files: dict, facts: dict, signing_key: str | None = None) -> dict:
+    """Writes manifest.json, then the seal that completes the checkpoint. Returns the manifest."""
+    directory = storage.path(directory)
+    manifest = {"format": FORMAT, "files": files, **facts}
+    storage.write_bytes(directory / NAME, json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
+    seal = {"manifest_sha256": digest(manifest)}
+    if signing_key:
+        seal["signature"] = sign(seal["manifest_sha256"], signing_key)
+    storage.write_json(directory / SEAL, seal)
     return manifest
 
 
-def exists(directory: str) -> bool:
-    return os.path.exists(os.path.join(directory, NAME))
+# Reading and checking.
 
 
-def is_checkpoint(path: str) -> bool:
-    """A single checkpoint: sealed, or holding a train state or parameters (perhaps unsealed)."""
-    return exists(path) or any(os.path.isdir(os.path.join(path, item)) for item in ("state", "params"))
+def is_sealed(directory) -> bool:
+    """Whether the checkpoint's save completed (its seal exists); `read` checks the seal holds."""
+    return (storage.path(directory) / SEAL).exists()
 
 
-def step_dirs(path: str) -> list[str]:
-    """The step directories of a workdir or of its checkpoints/ folder, oldest first."""
-    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    return [os.path.join(root, d) for d in sorted((d for d in os.listdir(root) if d.isdigit()), key=int)]
-
-
-def read(directory: str) -> dict:
-    path = os.path.join(directory, NAME)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{directory} has no {NAME}: the save never completed; use an earlier checkpoint")
+def _load_json(p, what: str):
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint cannot be trusted") from None
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{p} is missing: the save never completed; use an earlier checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p} is not valid JSON ({e}); the {what} cannot be trusted: "
+                              "restore an earlier checkpoint") from None
 
 
-def verify(directory: str) -> dict:
-    """Checks every file against the manifest; raises CheckpointError naming the first bad file."""
-    manifest = read(directory)
-    listed = manifest["files"]
-    for rel, want in sorted(listed.items()):
-        path = os.path.join(directory, rel)
-        if not os.path.exists(path):
-            raise CheckpointError(f"{path} is missing from the checkpoint (listed in its manifest); "
-                                  "restore an earlier checkpoint")
-        if os.path.getsize(path) != want["bytes"]:
-            raise CheckpointError(f"{path} has {os.path.getsize(path)} bytes, the manifest says "
-                                  f"{want['bytes']}: truncated or altered; restore an earlier checkpoint")
-        if sha256(path) != want["sha256"]:
-            raise CheckpointError(f"{path} does not match its sha256 in the manifest: altered or "
-                                  "corrupt; restore an earlier checkpoint")
-    extra = sorted(set(_files(directory)) - set(listed))
+def _check_shape(manifest, p) -> None:
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    ok = isinstance(files, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)
+        for v in files.values())
+    if not ok:
+        raise CheckpointError(f"{p} is not a heft manifest (it needs a 'files' map of sha256 and bytes); "
+                              "the checkpoint cannot be trusted: restore an earlier checkpoint")
+
+
+def read(directory, verify_key: str | None = None) -> dict:
+    """The manifest, after checking that the seal covers it (and its signature, given a key).
+
+    Raises CheckpointError when the checkpoint is unsealed, the manifest is malformed, or the
+    manifest was edited after sealing.
+    """
+    directory = storage.path(directory)
+    if not (directory / SEAL).exists():
+        raise CheckpointError(f"{directory} has no {SEAL}: its save never completed; use an earlier checkpoint")
+    seal = _load_json(directory / SEAL, "seal")
+    manifest = _load_json(directory / NAME, "manifest")
+    _check_shape(manifest, directory / NAME)
+    if not isinstance(seal, dict) or seal.get("manifest_sha256") != digest(manifest):
+        raise CheckpointError(f"{directory / NAME} does not match its seal ({SEAL}): the manifest was edited "
+                              "after the checkpoint was saved; restore an earlier checkpoint")
+    if verify_key:
+        check_signature(directory, seal, verify_key)
+    return manifest
+
+
+def check_file(directory, rel: str, want: dict) -> str | None:
+    """None if `rel` matches its manifest entry; else a one-line description of what is wrong."""
+    p = storage.path(directory) / rel
+    if not p.exists():
+        return f"{p} is missing from the checkpoint (listed in its manifest); restore an earlier checkpoint"
+    got, size = sha256_file(p)
+    if size != want["bytes"]:
+        return (f"{p} has {size} bytes, the manifest says {want['bytes']}: truncated or altered; "
+                "restore an earlier checkpoint")
+    if got != want["sha256"]:
+        return f"{p} does not match its sha256 in the manifest: altered or corrupt; restore an earlier checkpoint"
+    return None
+
+
+def check_extra(directory, manifest: dict) -> str | None:
+    extra = sorted(set(content_files(directory)) - set(manifest["files"]))
     if extra:
-        raise CheckpointError(f"{os.path.join(directory, extra[0])} is not in the manifest: the "
-                              "checkpoint was altered after it was saved")
+        return (f"{storage.path(directory) / extra[0]} is not in the manifest: the checkpoint was altered "
+                "after it was saved")
+    return None
+
+
+def verify(directory, verify_key: str | None = None) -> dict:
+    """Checks the seal and every file in this process; raises CheckpointError naming the first problem.
+    (Training verifies across hosts in parallel: custody.verify.)"""
+    manifest = read(directory, verify_key)
+    for rel, want in sorted(manifest["files"].items()):
+        if problem := check_file(directory, rel, want):
+            raise CheckpointError(problem)
+    if problem := check_extra(directory, manifest):
+        raise CheckpointError(problem)
     return manifest

@@ -1,11 +1,13 @@
 """Where training metrics go: JSON lines and TensorBoard in the workdir, and the terminal."""
 
 import json
-import os
 import resource
 import sys
+import time
 
 import jax
+
+from heft.train import storage
 
 
 def memory_in_use_bytes() -> int:
@@ -18,31 +20,70 @@ def memory_in_use_bytes() -> int:
 
 class Writer:
     """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and mirrors it to
-    TensorBoard (WORKDIR/tensorboard). Only process 0 writes."""
+    TensorBoard (WORKDIR/tensorboard). Only process 0 writes.
 
-    def __init__(self, workdir: str):
+    On resume from step S, rows of later steps (written before a crash, then redone) are dropped,
+    and a row {"step": S, "resumed": true, "redone_steps": N} records the lost work. A gs:// workdir
+    cannot be appended to, so there the file is rewritten whole, at most every `flush_s` seconds
+    and at close.
+    """
+
+    def __init__(self, workdir, start_step: int = 0, flush_s: float = 30.0):
         self.active = jax.process_index() == 0
         if not self.active:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.path = storage.path(workdir) / "metrics.jsonl"
+        self.remote = storage.is_remote(self.path)
+        self.flush_s, self._flushed = flush_s, time.monotonic()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        kept = [line for line in lines if _step_of(line) <= start_step]
+        self.lines = kept
+        if len(kept) != len(lines) or self.remote:
+            storage.write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
+        self.jsonl = None if self.remote else open(self.path, "a")
+        if start_step or len(kept) != len(lines):
+            redone = max((_step_of(line) for line in lines), default=start_step) - start_step
+            self._append(json.dumps({"step": start_step, "resumed": True, "redone_steps": max(redone, 0)}))
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.tb = SummaryWriter(str(storage.path(workdir) / "tensorboard"))
+
+    def _append(self, line: str) -> None:
+        if self.remote:
+            self.lines.append(line)
+            if time.monotonic() - self._flushed > self.flush_s:
+                self.flush()
+        else:
+            self.jsonl.write(line + "\n")
+            self.jsonl.flush()
+
+    def flush(self) -> None:
+        if self.active and self.remote:
+            storage.write_bytes(self.path, "".join(line + "\n" for line in self.lines).encode())
+            self._flushed = time.monotonic()
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        self._append(json.dumps({"step": step, **metrics}))
         for name, value in metrics.items():
             if isinstance(value, (int, float)):
                 self.tb.add_scalar(name, value, step)
 
     def close(self) -> None:
         if self.active:
-            self.jsonl.close()
+            self.flush()
+            if self.jsonl is not None:
+                self.jsonl.close()
             self.tb.close()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 0
 
 
 class Progress:

@@ -1,41 +1,59 @@
-"""`heft verify DIR`: check a checkpoint's files against its manifest (a workdir checks every step)."""
+"""`heft verify DIR`: check a checkpoint's seal and files against its manifest (a workdir checks every step).
 
-import os
+    heft verify WORKDIR [--key=PUBLIC.pem]     # every step; exit 1 if any is damaged
+    heft verify --new_key=PRIVATE.pem          # an ed25519 key pair for checkpoint.signing_key
+
+For each checkpoint it reports the seal (the manifest's own digest, and its signature when a key is
+given) and the files (sha256 of each). A step whose save never completed (no seal) is reported as
+incomplete, not as damaged: the next `heft train` seals or removes it.
+"""
+
 import sys
 
 from absl import flags
 
-from heft.train import manifest
+from heft.train import checkpoint, manifest
 
 
 def define_flags():
     flags.DEFINE_string("checkpoint", None, "a checkpoint, a checkpoints/ directory or a workdir")
+    flags.DEFINE_string("key", None, "an ed25519 public key (PEM): the seals must be signed by its private key")
+    flags.DEFINE_string("new_key", None, "write a new ed25519 key pair to this path (and PATH.pub), then exit")
 
 
-def targets(path: str) -> list[str]:
-    """The checkpoint directories under `path` (itself, or each step of a workdir)."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise manifest.CheckpointError(f"{path} does not exist or is not a directory")
-    if manifest.is_checkpoint(path):
-        return [path]
-    steps = manifest.step_dirs(path)
-    if not steps:
-        raise manifest.CheckpointError(f"{path} holds no checkpoints")
-    return steps
+def report(directory, key: str | None = None) -> tuple[bool, str]:
+    """(ok, one line) for one checkpoint directory."""
+    if not manifest.is_sealed(directory):
+        return True, f"incomplete {directory}  (its save never completed: not a checkpoint; heft train removes it)"
+    try:
+        m = manifest.read(directory, key)
+    except manifest.CheckpointError as e:
+        return False, f"FAILED   seal: {e}"
+    seal = "seal signed and ok" if key else "seal ok"
+    try:
+        manifest.verify(directory, key)
+    except manifest.CheckpointError as e:
+        return False, f"FAILED   {seal}; files: {e}"
+    return True, f"ok       {directory}  ({seal}; {len(m['files'])} files match, step {m.get('step', '-')})"
 
 
 def main(argv):
-    paths = argv[1:] + ([flags.FLAGS.checkpoint] if flags.FLAGS.checkpoint else [])
+    f = flags.FLAGS
+    if f.new_key:
+        public = manifest.new_key(f.new_key)
+        print(f"wrote {f.new_key} (keep it secret; set checkpoint.signing_key to it) and {public} "
+              "(set checkpoint.verify_key, or pass --key, to check seals)")
+        return
+    paths = argv[1:] + ([f.checkpoint] if f.checkpoint else [])
     if not paths:
         sys.exit("usage: heft verify DIR (a checkpoint, or a workdir to check every checkpoint in it)")
     bad = 0
     for path in paths:
-        for directory in targets(path):
-            try:
-                m = manifest.verify(directory)
-                print(f"ok       {directory}  ({len(m['files'])} files, step {m.get('step', '-')})")
-            except manifest.CheckpointError as e:
-                bad += 1
-                print(f"FAILED   {e}")
+        directories = checkpoint.checkpoints_in(path)
+        if not directories:
+            raise manifest.CheckpointError(f"{path} holds no checkpoints")
+        for directory in directories:
+            ok, line = report(directory, f.key)
+            print(line)
+            bad += not ok
     sys.exit(1 if bad else 0)

@@ -1,0 +1,202 @@
+"""Sealing and verifying a checkpoint with every host doing a share, off the training thread.
+
+A 70B train state is ~840 GB: one host hashing it all takes minutes while the others wait at the
+next collective. So each process hashes its share of the files and writes what it found to
+`STEP/custody/process_I.json`; process 0 merges the shares, hashes whatever no share covered (files
+it wrote itself, such as the tokenizer), and writes the manifest and then the seal (manifest.py).
+Hosts coordinate through those files on the shared storage (a bucket or a shared filesystem), never
+through collectives, so sealing can run in a background thread while the steps go on.
+
+A file's owner is the process that wrote it where orbax says so (`ocdbt.process_I/` holds process
+I's shards, which may still be in its page cache); any other file goes to a process chosen by a
+hash of its path. Restoring verifies with the same split, in parallel (`verify`).
+"""
+
+import queue
+import re
+import threading
+import time
+import zlib
+
+from heft.train import manifest, storage
+from heft.train.manifest import CheckpointError
+
+_WRITER = re.compile(r"ocdbt\.process_(\d+)")
+MERGE_TIMEOUT_S = 3600.0  # how long process 0 waits for the other hosts' shares
+
+
+def owner(rel: str, process_count: int) -> int:
+    """Which process hashes (and on restore, verifies) the file at `rel`."""
+    m = _WRITER.search(rel)
+    if m:
+        return int(m.group(1)) % process_count
+    return zlib.crc32(rel.encode()) % process_count
+
+
+def hash_share(directory, process_index: int, process_count: int) -> dict:
+    """{rel: {"sha256", "bytes"}} for this process's share of the checkpoint's files."""
+    return {rel: dict(zip(("sha256", "bytes"), manifest.sha256_file(storage.path(directory) / rel)))
+            for rel in manifest.content_files(directory) if owner(rel, process_count) == process_index}
+
+
+def _partial(directory, i: int):
+    return storage.path(directory) / manifest.SCRATCH / f"process_{i}.json"
+
+
+def _wait_for_partials(directory, process_count: int, timeout: float, cancelled) -> dict:
+    found: dict = {}
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        for i in range(1, process_count):
+            if i not in found and _partial(directory, i).exists():
+                found[i] = storage.read_json(_partial(directory, i))
+        if len(found) == process_count - 1:
+            return found
+        if cancelled():
+            raise CheckpointError(f"sealing {directory} was cancelled")
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(1, process_count)) - set(found))
+            raise CheckpointError(f"process(es) {missing} never reported their hashes of {directory}; "
+                                  "the checkpoint stays unsealed and the next start seals or removes it")
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+def seal(directory, facts: dict, process_index: int, process_count: int, *, extra_files: dict | None = None,
+         signing_key: str | None = None, timeout: float = MERGE_TIMEOUT_S, cancelled=lambda: False) -> dict | None:
+    """Seals a checkpoint whose data is complete on the storage. Every process calls it.
+
+    `extra_files` ({rel: bytes}) are written first by process 0 (the tokenizer). Returns the
+    manifest on process 0, None elsewhere.
+    """
+    directory = storage.path(directory)
+    if process_index == 0:
+        for rel, data in (extra_files or {}).items():
+            storage.write_bytes(directory / rel, data)
+    mine = hash_share(directory, process_index, process_count)
+    if process_index != 0:
+        (directory / manifest.SCRATCH).mkdir(parents=True, exist_ok=True)
+        storage.write_json(_partial(directory, process_index), mine)
+        return None
+    reported = dict(mine)
+    for share in _wait_for_partials(directory, process_count, timeout, cancelled).values():
+        reported.update(share)
+    # The listing now is the truth: a share may name a file that was only transient, and files
+    # process 0 wrote after another host listed (the tokenizer) are in no share.
+    files = {}
+    for rel in manifest.content_files(directory):
+        entry = reported.get(rel)
+        if entry is None:
+            digest, size = manifest.sha256_file(directory / rel)
+            entry = {"sha256": digest, "bytes": size}
+        files[rel] = entry
+    result = manifest.write(directory, files, facts, signing_key)
+    (directory / manifest.SCRATCH).rmtree(missing_ok=True)
+    return result
+
+
+def verify(directory, process_index: int, process_count: int, verify_key: str | None = None,
+           gather=None) -> dict:
+    """Checks a checkpoint with each process reading only its share; every process raises the same
+    CheckpointError (naming the first bad file) if any share is bad.
+
+    `gather(int) -> list[int]` collects one integer from every process (default: this process
+    alone); training passes a JAX allgather.
+    """
+    m = manifest.read(directory, verify_key)
+    listed = sorted(m["files"])
+    problems = {}
+    for i, rel in enumerate(listed):
+        if owner(rel, process_count) == process_index:
+            if problem := manifest.check_file(directory, rel, m["files"][rel]):
+                problems[i] = problem
+                break
+    if process_index == 0 and (problem := manifest.check_extra(directory, m)):
+        problems[len(listed)] = problem
+    first = min(problems, default=-1)
+    everyone = (gather or (lambda x: [x]))(first)
+    bad = [x for x in everyone if x >= 0]
+    if bad:
+        worst = min(bad)
+        if worst in problems:
+            raise CheckpointError(problems[worst])
+        what = listed[worst] if worst < len(listed) else "a file not in the manifest"
+        raise CheckpointError(f"{storage.path(directory) / what} failed verification on another host; "
+                              "restore an earlier checkpoint")
+    return m
+
+
+class Custodian:
+    """Seals saved steps in a background thread, in order, as soon as orbax has committed each.
+
+    `add(step, directory, facts, extra_files)` queues a step right after its save starts;
+    `after_seal(step)` runs on process 0 once a step is sealed (retention). Errors are kept and
+    raised in the training thread by `raise_error()` (called at each save and at close).
+    """
+
+    def __init__(self, process_index: int, process_count: int, committed, after_seal=lambda step: None,
+                 signing_key: str | None = None):
+        self.process_index, self.process_count = process_index, process_count
+        self.committed = committed  # (directory) -> bool: orbax finished writing it
+        self.after_seal = after_seal
+        self.signing_key = signing_key
+        self.queue: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.sealed: list[int] = []
+        self._abandoned: set[int] = set()
+        self.thread = threading.Thread(target=self._run, name="heft-custody", daemon=True)
+        self.thread.start()
+
+    def add(self, step: int, directory, facts: dict, extra_files: dict | None = None) -> None:
+        self.queue.put((step, directory, facts, extra_files))
+
+    def abandon(self, step: int) -> None:
+        """The save of `step` failed: stop waiting for it to commit."""
+        self._abandoned.add(step)
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            step, directory, facts, extra = item
+            try:
+                delay = 0.02
+                while not self.committed(directory):
+                    if step in self._abandoned:
+                        break
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+                else:
+                    seal(directory, facts, self.process_index, self.process_count, extra_files=extra,
+                         signing_key=self.signing_key, cancelled=lambda: step in self._abandoned)
+                    self.sealed.append(step)
+                    if self.process_index == 0:
+                        self.after_seal(step)
+            except BaseException as e:  # kept for the training thread, which decides what to say
+                self.error = e
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def close(self) -> None:
+        """Waits for every queued step to be sealed (or abandoned), then stops the thread."""
+        self.queue.put(None)
+        self.thread.join()
+        self.raise_error()
+
+
+def gather_ints():
+    """An allgather of one integer per process over JAX's runtime (for `verify`)."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return lambda x: [x]
+    return lambda x: [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int64(x))).ravel()]

@@ -1,0 +1,103 @@
+"""Where a run's files live: a local disk, a shared filesystem or a `gs://` bucket, through one path layer.
+
+Every path heft's training side opens goes through `path()` (etils `epath`, which orbax uses too;
+gcsfs is its gs:// backend), so local folders and buckets share one code path. Two facts shape it:
+
+- gcsfs caches directory listings, which goes stale when another host writes the same bucket;
+  hosts coordinate through files here, so the cache is turned off for gs://.
+- GCS has no atomic rename. A small file written here is either whole or absent on both: locally it
+  is written beside its place and renamed; on GCS one upload is one object, visible only once
+  complete. What marks a larger thing complete is written last (see manifest.py).
+"""
+
+import errno
+import json
+import os
+
+import fsspec
+from etils import epath
+
+# Listings must be fresh: another host may have written a file since this one last looked.
+fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
+fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+
+
+def is_remote(p) -> bool:
+    return "://" in str(p)
+
+
+def path(p) -> epath.Path:
+    """An epath for a local path (made absolute: a relative one is relative to where heft started)
+    or a URL such as gs://bucket/run."""
+    p = str(p)
+    return epath.Path(p) if is_remote(p) else epath.Path(os.path.abspath(os.path.expanduser(p)))
+
+
+def write_bytes(target, data: bytes) -> None:
+    """Writes a whole small file so that a reader sees the old content, or none, or all of the new."""
+    target = path(target)
+    if is_remote(target):
+        target.write_bytes(data)  # one object upload: visible only once complete
+        return
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def write_json(target, obj) -> None:
+    write_bytes(target, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_json(target):
+    return json.loads(path(target).read_text())
+
+
+def files_under(directory, skip=()) -> list[str]:
+    """Every file below `directory`, as sorted paths relative to it; subfolders named in `skip` are
+    left out whole (e.g. custody's scratch files)."""
+    directory = path(directory)
+    out = []
+    for root, dirs, names in directory.walk():
+        root = epath.Path(root)
+        rel_root = "" if root == directory else os.path.relpath(str(root), str(directory))
+        if rel_root.split(os.sep)[0] in skip:
+            continue
+        dirs[:] = [d for d in dirs if not (rel_root == "" and d in skip)]
+        out += [os.path.join(rel_root, n) if rel_root else n for n in names]
+    return sorted(out)
+
+
+def no_space(e: BaseException) -> bool:
+    """Whether an error (or one it was raised from) says the storage is full."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e).lower()
+        if "no space left" in text or "disk quota exceeded" in text or "enospc" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def device_of(p) -> str:
+    """What to call the storage holding `p` in a message: `gs://bucket`, or the filesystem (device and
+    mount point) from /proc/mounts."""
+    p = str(p)
+    if is_remote(p):
+        scheme, _, rest = p.partition("://")
+        return f"{scheme}://{rest.split('/')[0]}"
+    best = ("", "")
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                device, mount = line.split()[:2]
+                if (p == mount or p.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best[1]):
+                    best = (device, mount)
+    except OSError:
+        return os.path.dirname(p)
+    return f"{best[0]} (mounted at {best[1]})" if best[1] else os.path.dirname(p)
