@@ -27,7 +27,7 @@ from jax.sharding import SingleDeviceSharding
 from heft.launch import chips, costs, topology
 from heft.model import size
 from heft.model.checks import ConfigError
-from heft.train import compiled, sharding
+from heft.train import checks, compiled, sharding
 
 
 @dataclasses.dataclass
@@ -119,15 +119,6 @@ class Plan:
                 "heft plan --search tries these")
 
 
-def check_batch(config, mesh) -> None:
-    """Micro-batches must split the batch evenly, and each must split over the batch's mesh axes."""
-    t = config.train
-    if t.micro_batches < 1 or t.batch_size % t.micro_batches:
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.micro_batches="
-                          f"{t.micro_batches}; pick a micro-batch count that divides the batch")
-    sharding.check_batch(config, mesh, t.batch_size // t.micro_batches)
-
-
 def _shard_bytes(tree) -> int:
     """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
@@ -197,7 +188,7 @@ def fit_check(config, mesh, topology_name: str | None = None) -> Plan:
     if chip is None:
         raise ConfigError(f"no chip table entry for device kind {device.device_kind!r}; known: "
                           f"{', '.join(c.device_kind for c in chips.CHIPS.values())} (heft/launch/chips.py)")
-    check_batch(config, mesh)
+    checks.check(config, mesh)  # the loop's own checks: a plan stops where the run would
     n = mesh.devices.size
     start = time.perf_counter()
     # Shardings are built outside the mesh context: optax's state initialisation runs eagerly there

@@ -23,11 +23,33 @@ def head_dim(m) -> int:
     return m.head_dim if m.head_dim else m.width // m.heads
 
 
+# Sizes that must be positive integers.
+SIZES = ("vocab", "width", "depth", "heads", "kv_heads", "mlp_width", "max_len", "rope_original_max_len")
+# Scales that must be positive numbers: (field, what it is). NaN fails too.
+SCALES = (("norm_eps", "added to the variance in norms"), ("rope_theta", "RoPE's base frequency"),
+          ("init_scale", "the multiplier of every matrix's init std"),
+          ("embed_init_std", "the embeddings' init std"),
+          ("rope_scaling_factor", "llama3 RoPE's stretch"), ("rope_low_freq_factor", "llama3 RoPE's low cut"),
+          ("rope_high_freq_factor", "llama3 RoPE's high cut"))
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def check_model(m) -> None:
     """Raises ConfigError for the first problem in model config `m`."""
-    for field in ("vocab", "width", "depth", "heads", "kv_heads", "mlp_width", "max_len"):
-        if not isinstance(m[field], int) or m[field] < 1:
+    for field in SIZES:
+        if not _positive_int(m[field]):
             raise ConfigError(f"model.{field}={m[field]!r} must be a positive integer")
+    if m.head_dim is not None and not _positive_int(m.head_dim):
+        raise ConfigError(f"model.head_dim={m.head_dim!r} must be a positive integer, or None for width // heads")
+    for field, meaning in SCALES:
+        if not isinstance(m[field], (int, float)) or not m[field] > 0:
+            raise ConfigError(f"model.{field}={m[field]!r} must be > 0 ({meaning})")
+    if m.rope_scaling == "llama3" and not m.rope_high_freq_factor > m.rope_low_freq_factor:
+        raise ConfigError(f"model.rope_high_freq_factor={m.rope_high_freq_factor} must exceed "
+                          f"model.rope_low_freq_factor={m.rope_low_freq_factor} (llama3 RoPE blends between them)")
     if not m.head_dim and m.width % m.heads:
         raise ConfigError(
             f"model.width={m.width} is not divisible by model.heads={m.heads}; "

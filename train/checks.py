@@ -1,0 +1,139 @@
+"""Errors a user can make in `config.train`, `config.checkpoint` and `config.mesh`, raised before
+anything is built or compiled, each in one sentence that names the field and the fix.
+
+`check_config(config)` needs the config alone: every count and size in its range, the schedule's
+fields consistent with each other, and the model's fields (`heft.model.checks`). `heft` runs it as
+soon as `--config` is parsed, so every verb refuses a bad config before doing any work.
+`check(config, mesh)` adds what depends on the devices (the batch over the mesh, every parameter's
+divisibility); the training loop runs it before compiling.
+"""
+
+import math
+
+from heft.model import checks as model_checks
+from heft.model.checks import ConfigError
+
+SCHEDULES = ("cosine", "linear", "constant")
+ON_NONFINITE = ("stop", "skip")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Integer fields: (section, field) -> (least value, what it counts).
+COUNTS = {
+    ("train", "steps"): (1, "optimizer updates"),
+    ("train", "batch_size"): (1, "sequences per step, over all processes"),
+    ("train", "seq_len"): (1, "tokens per sequence"),
+    ("train", "micro_batches"): (1, "gradient-accumulation pieces of the batch"),
+    ("train", "warmup_steps"): (0, "steps of linear warmup"),
+    ("train", "seed"): (0, "the parameter-init seed"),
+    ("train", "log_every"): (1, "steps between metric lines"),
+    ("train", "eval_every"): (1, "steps between held-out losses"),
+    ("train", "eval_batches"): (1, "held-out batches per evaluation"),
+    ("train", "checkpoint_every"): (1, "steps between checkpoints"),
+    ("checkpoint", "keep"): (1, "newest checkpoints kept"),
+    ("checkpoint", "keep_every"): (0, "the step period of checkpoints kept forever; 0 keeps none"),
+}
+
+# Float fields: (section, field) -> (the range as written in the error, its test, what the field is).
+# NaN fails every test.
+RANGES = {
+    ("train", "lr"): ("> 0", lambda v: v > 0, "the peak learning rate"),
+    ("train", "min_lr_ratio"): ("in [0, 1]", lambda v: 0 <= v <= 1, "the final learning rate as a fraction of the peak"),
+    ("train", "b1"): ("in [0, 1)", lambda v: 0 <= v < 1, "Adam's first-moment decay"),
+    ("train", "b2"): ("in [0, 1)", lambda v: 0 <= v < 1, "Adam's second-moment decay"),
+    ("train", "eps"): ("> 0", lambda v: v > 0, "Adam's epsilon, which keeps its division finite"),
+    ("train", "weight_decay"): (">= 0", lambda v: v >= 0, "the decoupled weight decay"),
+    ("train", "grad_clip"): (">= 0", lambda v: v >= 0, "the global-norm clip; 0 disables it"),
+    ("train", "peak_flops"): (">= 0", lambda v: v >= 0, "per-device peak FLOP/s; 0 measures it"),
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_count(config, section: str, field: str) -> None:
+    least, meaning = COUNTS[section, field]
+    value = config[section][field]
+    if not _is_int(value) or value < least:
+        raise ConfigError(f"{section}.{field}={value!r} must be an integer >= {least} ({meaning})")
+
+
+def _check_range(config, section: str, field: str) -> None:
+    bounds, test, meaning = RANGES[section, field]
+    value = config[section][field]
+    if not isinstance(value, (int, float)) or not test(value):
+        raise ConfigError(f"{section}.{field}={value!r} must be {bounds} ({meaning})")
+
+
+def _one_of(config, section: str, field: str, allowed: tuple[str, ...]) -> None:
+    value = config[section][field]
+    if value not in allowed:
+        raise ConfigError(f"{section}.{field}={value!r} is unknown; choose one of {', '.join(allowed)}")
+
+
+def check_mesh_fields(mesh_config) -> None:
+    """Each axis size is a positive integer or -1 (fill the remaining devices), and one axis at most fills."""
+    for axis in MESH_AXES:
+        value = mesh_config[axis]
+        if not _is_int(value) or (value < 1 and value != -1):
+            raise ConfigError(f"mesh.{axis}={value!r} must be a positive integer, or -1 to fill the devices "
+                              "the other axes leave")
+    filling = [a for a in MESH_AXES if mesh_config[a] == -1]
+    if len(filling) > 1:
+        raise ConfigError(f"mesh.{filling[0]} and mesh.{filling[1]} are both -1; at most one axis can fill the "
+                          "remaining devices, so give the other a size")
+
+
+def check_train(config) -> None:
+    """The `train` and `checkpoint` sections, and how they meet the model."""
+    for section, field in COUNTS:
+        _check_count(config, section, field)
+    for section, field in RANGES:
+        _check_range(config, section, field)
+    _one_of(config, "train", "schedule", SCHEDULES)
+    _one_of(config, "train", "on_nonfinite", ON_NONFINITE)
+    t = config.train
+    if t.warmup_steps >= t.steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} is not below train.steps={t.steps}, so the learning "
+                          f"rate never reaches its peak nor decays; lower warmup_steps (e.g. to {t.steps // 10}) "
+                          "or raise steps")
+    if t.batch_size % t.micro_batches:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.micro_batches="
+                          f"{t.micro_batches}; pick a micro-batch count that divides the batch")
+    if config.model.positions == "learned" and t.seq_len > config.model.max_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_len={config.model.max_len} (learned "
+                          "positions); raise max_len or lower seq_len")
+
+
+def check_config(config) -> None:
+    """Every error the config alone can show, model first; raises ConfigError for the first one."""
+    model_checks.check_model(config.model)
+    check_mesh_fields(config.mesh)
+    check_train(config)
+
+
+def batch_devices(config, mesh) -> int:
+    """How many devices split the batch: those of the mesh axes the rules give the `batch` axis."""
+    from heft.train import sharding
+
+    axes = sharding.spec(("batch",), config)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def check(config, mesh) -> None:
+    """Every error a user can cause in the config of a run on `mesh`, raised before anything compiles."""
+    from heft.train import sharding
+
+    check_config(config)
+    t = config.train
+    n = batch_devices(config, mesh)
+    if t.batch_size % n:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {n} devices that split the batch "
+                          f"on mesh {dict(mesh.shape)}; pick a batch size that is a multiple of {n}")
+    micro = t.batch_size // t.micro_batches
+    if micro % n:
+        raise ConfigError(f"train.batch_size={t.batch_size} in train.micro_batches={t.micro_batches} gives "
+                          f"micro-batches of {micro} sequences, which do not split over the {n} devices that hold "
+                          "the batch; use fewer micro-batches or a larger batch")
+    sharding.param_dict_shardings(config.model, mesh, config)  # divisibility of every parameter
