@@ -4,11 +4,11 @@ Import reads one tensor at a time and places each heft parameter straight into i
 unstacked ones with `jax.make_array_from_callback` (each device copies only its slice of the
 tensor), the [depth]-stacked block parameters by writing one layer at a time into a donated,
 already sharded array. Host memory beyond the placed model is about one checkpoint tensor
-(bench/RESULTS.md, "Hugging Face import").
+(bench/RESULTS.md, "Hugging Face import"). A Hugging Face folder may be local or in a bucket
+(gs://): a bucket's shards pass through local disk one at a time (`paths.py`).
 """
 
 import json
-import os
 from functools import cache
 
 import jax
@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from heft.convert import gpt2, llama, safetensors_io, tokenizer
+from heft.convert import gpt2, llama, paths, safetensors_io, tokenizer
 from heft.convert.errors import ConvertError
 from heft.model.checks import check_model
 from heft.model.decoder import Decoder
@@ -29,13 +29,15 @@ FAMILIES = {family.MODEL_TYPE: family for family in (llama, gpt2)}
 
 
 def read_config(hf_dir: str) -> dict:
-    if not os.path.isdir(hf_dir):
+    if not paths.path(hf_dir).is_dir():
         raise ConvertError(f"{hf_dir} is not a directory; pass the folder holding config.json and the weights")
-    path = os.path.join(hf_dir, "config.json")
-    if not os.path.exists(path):
+    path = paths.path(hf_dir) / "config.json"
+    if not path.exists():
         raise ConvertError(f"{hf_dir} has no config.json; pass a Hugging Face model folder")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path} is not valid JSON ({e}); download it again") from None
 
 
 def family_of(hf: dict):
@@ -170,32 +172,33 @@ def import_hf(hf_dir: str, mesh=None, config_overrides: dict | None = None):
     family = family_of(read_config(hf_dir))
     config = heft_config(hf_dir, config_overrides)
     m = config.model
-    reader = safetensors_io.Reader(hf_dir)
-    plan = family.tensors(m, reader.names())
-    abstract = abstract_params(m)
-    expected = _flat(abstract)  # dotted path -> ShapeDtypeStruct
-    _check_plan(plan, expected, family)
-    _check_tensors(reader, plan, family, m, hf_dir)
+    with safetensors_io.Reader(hf_dir) as reader:
+        plan = family.tensors(m, reader.names())
+        abstract = abstract_params(m)
+        expected = _flat(abstract)  # dotted path -> ShapeDtypeStruct
+        _check_plan(plan, expected, family)
+        _check_tensors(reader, plan, family, m, hf_dir)
 
-    if mesh is None:
-        shardings = {path: SingleDeviceSharding(jax.devices()[0]) for path in expected}
-    else:
-        from heft.train.sharding import param_shardings
+        if mesh is None:
+            shardings = {path: SingleDeviceSharding(jax.devices()[0]) for path in expected}
+        else:
+            from heft.train.sharding import param_shardings
 
-        shardings = _flat(nnx.to_pure_dict(param_shardings(abstract, mesh, config)))
-    dtype = jnp.dtype(m.param_dtype)
-    arrays = {}
-    for t in sorted(plan, key=lambda t: reader.files[t.hf]):  # file by file: each read once, in order
-        w = reader.read(t.hf)
-        for (path, layer), view in zip(t.heft, t.to_heft(w)):
-            if layer is None:
-                arrays[path] = _put(view, shardings[path], dtype)
-                continue
-            if path not in arrays:
-                arrays[path] = _zeros(tuple(expected[path].shape), dtype, shardings[path])()
-            part = _put(view, _layer_sharding(shardings[path]), dtype)
-            arrays[path] = _layer_writer(shardings[path])(arrays[path], part, jnp.int32(layer))
-        del w
+            shardings = _flat(nnx.to_pure_dict(param_shardings(abstract, mesh, config)))
+        dtype = jnp.dtype(m.param_dtype)
+        arrays = {}
+        # File by file, each read once and in order (from a bucket: one shard at a time on local disk).
+        for t in sorted(plan, key=lambda t: reader.files[t.hf]):
+            w = reader.read(t.hf)
+            for (path, layer), view in zip(t.heft, t.to_heft(w)):
+                if layer is None:
+                    arrays[path] = _put(view, shardings[path], dtype)
+                    continue
+                if path not in arrays:
+                    arrays[path] = _zeros(tuple(expected[path].shape), dtype, shardings[path])()
+                part = _put(view, _layer_sharding(shardings[path]), dtype)
+                arrays[path] = _layer_writer(shardings[path])(arrays[path], part, jnp.int32(layer))
+            del w
     nnx.replace_by_pure_dict(abstract, _nested(arrays))
     return config, abstract
 
@@ -216,8 +219,7 @@ def export_hf(config, params, out_dir: str, max_shard_bytes: int = 2 * 1024**3, 
     """
     m = config.model
     family = family_for(m)
-    if os.path.isdir(out_dir) and any(f.endswith((".safetensors", ".json")) for f in os.listdir(out_dir)):
-        raise ConvertError(f"{out_dir} already holds a model; pick an empty or new folder")
+    paths.check_export_folder(out_dir)
     flat = _flat(params)
     plan = family.tensors(m)
     _check_plan(plan, flat, family)
@@ -228,7 +230,7 @@ def export_hf(config, params, out_dir: str, max_shard_bytes: int = 2 * 1024**3, 
         if isinstance(flat[path], jax.Array) and not flat[path].is_fully_addressable:
             raise ConvertError("export gathers each tensor in this process, but the parameters span several "
                                "processes; run heft convert --to_hf in a single process")
-    os.makedirs(out_dir, exist_ok=True)
+    paths.path(out_dir).mkdir(parents=True, exist_ok=True)
     dtype = jnp.dtype(dtype or m.param_dtype)
     by_name = {t.hf: t for t in plan}
     sizes = {t.hf: int(np.prod(t.shape)) * dtype.itemsize for t in plan}
@@ -248,8 +250,8 @@ def export_hf(config, params, out_dir: str, max_shard_bytes: int = 2 * 1024**3, 
         safetensors_io.write_index(out_dir, weight_map, sum(sizes.values()))
         written.append(safetensors_io.INDEX)
     bos, eos = tokenizer.special_ids(tokenizer_path)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(family.hf_config(m, dtype.name, bos, eos), f, indent=2)
+    paths.path(out_dir).joinpath("config.json").write_text(json.dumps(family.hf_config(m, dtype.name, bos, eos),
+                                                                      indent=2))
     written.append("config.json")
     if tokenizer_path:
         written += tokenizer.write(tokenizer_path, out_dir)

@@ -2,15 +2,17 @@
 
     heft convert --from_hf=DIR --out=CHECKPOINT   # Llama or GPT-2 config.json + safetensors
     heft convert --to_hf=CHECKPOINT --out=DIR
+    heft convert --from_hf=gs://bucket/llama --out=gs://bucket/heft/llama   # folders in buckets too
 
 The imported checkpoint carries the heft config (and a Llama's sentencepiece tokenizer.model),
 so `heft eval` and `heft generate` read it directly.
 """
 
-import os
+import contextlib
 
 from absl import flags
 
+from heft.convert import paths
 from heft.convert.errors import ConvertError
 
 
@@ -26,26 +28,30 @@ def define_flags():
 
 
 def run_import(hf_dir: str, out: str, param_dtype: str = "float32"):
-    """Imports `hf_dir` into a parameters-only checkpoint `out`, split over every device."""
+    """Imports `hf_dir` into a parameters-only checkpoint `out`, split over every device. Either may
+    be a local folder or a gs:// one."""
+    paths.check_import_folder(out)  # before the slow part, and before the imports that take seconds
     from flax import nnx
 
     from heft.convert import hf, tokenizer
     from heft.train import checkpoint
 
-    if os.path.isdir(out) and os.listdir(out):  # before the slow part, not after it
-        raise ConvertError(f"{out} is not empty; pass a new directory for the checkpoint")
     overrides = {"model.param_dtype": param_dtype}
     config = hf.heft_config(hf_dir, overrides)  # fails early, before any weight is read
     sentencepiece, note = tokenizer.find(hf_dir)
     if note:
         print(f"heft convert: {note}", flush=True)
     config, params = hf.import_hf(hf_dir, checkpoint.serving_mesh(config), overrides)
-    checkpoint.save_params(out, config, nnx.to_pure_dict(params), sentencepiece, imported_from=hf_dir)
+    with contextlib.ExitStack() as stack:
+        local = stack.enter_context(paths.local_copy(sentencepiece)) if sentencepiece else None
+        checkpoint.save_params(out, config, nnx.to_pure_dict(params), local, imported_from=hf_dir)
     return config
 
 
 def run_export(checkpoint_dir: str, out: str, dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3):
-    """Exports a heft checkpoint as a Hugging Face folder `out`; returns the files written."""
+    """Exports a heft checkpoint as a Hugging Face folder `out`; returns the files written. Either
+    may be a local folder or a gs:// one."""
+    paths.check_export_folder(out)  # before the slow load
     from heft.convert import hf
     from heft.train import checkpoint
 
