@@ -68,6 +68,17 @@ def check_request(m, prompts: list[list[int]], max_new_tokens: int) -> None:
         )
 
 
+def check_text(prompts: list[str]) -> None:
+    """Each prompt is text: the shell hands over bytes that are not UTF-8 as lone surrogates, which
+    neither the tokenizer nor the terminal can take."""
+    for i, text in enumerate(prompts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConfigError(f"--prompt #{i + 1} is not valid UTF-8 (byte {ord(text[e.start]) & 0xFF:#04x} at "
+                              f"character {e.start}); pass UTF-8 text") from None
+
+
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ConfigError(f"temperature={temperature}, top_k={top_k}, top_p={top_p}: need temperature "
@@ -207,7 +218,8 @@ def main(argv):
     from heft.train import checkpoint, sharding
     from heft.train.manifest import CheckpointError
 
-    check_sampling(f.temperature, f.top_k, f.top_p)  # before the slow load
+    check_text(f.prompt)  # these before the slow load
+    check_sampling(f.temperature, f.top_k, f.top_p)
     config, params, tokenizer_path = checkpoint.load_params(f.checkpoint)
     if tokenizer_path is None:
         raise CheckpointError(f"checkpoint {f.checkpoint} holds no tokenizer.model; generate needs "

@@ -9,6 +9,10 @@ import math
 
 from absl import flags
 
+from heft.model.checks import ConfigError
+from heft.train.checks import batch_devices, check_mesh_fields
+from heft.train.manifest import CheckpointError
+
 
 def define_flags():
     flags.DEFINE_string("checkpoint", None, "a checkpoint, a workdir (its newest one) or a params-only dir")
@@ -48,24 +52,53 @@ def evaluate(config, params, mesh, prepared, batches: int = 0) -> dict:
             "tokens": int(count), "bytes": n_bytes}
 
 
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    """`--mesh=1,2,4` -> (data, fsdp, tensor); a ConfigError naming the fix for anything else."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+        raise ConfigError(f"--mesh={text} is not three sizes data,fsdp,tensor; pass e.g. --mesh=1,2,4 "
+                          "(one of them may be -1: the devices the others leave)")
+    sizes = {"data": int(parts[0]), "fsdp": int(parts[1]), "tensor": int(parts[2])}
+    check_mesh_fields(sizes)
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def check_batch(config, mesh) -> None:
+    """The evaluation batch splits evenly over the devices that hold the batch."""
+    n = batch_devices(config, mesh)
+    if config.train.batch_size % n:
+        raise ConfigError(f"--batch_size={config.train.batch_size} does not split over the {n} devices that hold "
+                          f"the batch on mesh {dict(mesh.shape)}; pass a multiple of {n}, or another --mesh")
+
+
+def check_flags(f) -> None:
+    """The flags' own mistakes, before the checkpoint is even opened."""
+    if not f.checkpoint:
+        raise CheckpointError("heft eval needs --checkpoint=DIR (a workdir, a step directory or a params-only dir)")
+    if f.batches < 0 or f.batch_size < 0:
+        raise ConfigError(f"--batches={f.batches} and --batch_size={f.batch_size} cannot be negative "
+                          "(0 means the whole split and the checkpoint's batch size)")
+    if f.mesh:
+        parse_mesh(f.mesh)
+
+
 def main(argv):
     del argv
     f = flags.FLAGS
+    check_flags(f)  # before the imports that take seconds
     from heft.data import prepare as data_prepare
     from heft.train import checkpoint, sharding
-    from heft.train.manifest import CheckpointError
 
-    if not f.checkpoint:
-        raise CheckpointError("heft eval needs --checkpoint=DIR (a workdir, a step directory or a params-only dir)")
     directory = checkpoint.resolve(f.checkpoint)
     config = checkpoint.read_config(directory)
     if f.mesh:
-        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (int(x) for x in f.mesh.split(","))
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = parse_mesh(f.mesh)
     if f.batch_size:
         config.train.batch_size = f.batch_size
     if f.corpus:
         config.data.corpus = f.corpus
     mesh = sharding.make_mesh(config) if f.mesh else checkpoint.serving_mesh(config)
+    check_batch(config, mesh)  # before the slow load
     config, params, tokenizer_path = checkpoint.load_params(directory, mesh=mesh, verify=not f.skip_verify,
                                                             config=config)
     # The checkpoint's own tokenizer decides the ids; without one (a checkpoint saved outside

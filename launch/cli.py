@@ -4,7 +4,9 @@ Each verb is a module with `define_flags()` and a `main(argv)` that absl runs; o
 verb's module is imported and only its flags are defined, so importing a module has no side effects.
 """
 
+import glob
 import importlib
+import os
 import sys
 
 VERBS = {
@@ -34,14 +36,16 @@ def main(argv: list[str] | None = None) -> None:
     verb = argv[1]
     if verb not in VERBS:
         sys.exit(f"heft: unknown verb {verb!r}; choose one of {', '.join(VERBS)}")
+    skip_absent_tpu()
     try:
         module = importlib.import_module(VERBS[verb][0])
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("heft."):
             sys.exit(f"heft: the verb {verb!r} is not available in this version of heft")
         raise
-    from absl import app
+    from absl import app, flags
 
+    from heft.launch.flags import config_file_error
     from heft.model.checks import ConfigError
     from heft.train.manifest import CheckpointError
 
@@ -57,9 +61,21 @@ def main(argv: list[str] | None = None) -> None:
         # Libraries (orbax above all) log every step of a save at INFO; show warnings and up
         # unless the user asks for more with --verbosity.
         quiet = [] if any(a.startswith(("--verbosity", "-v")) for a in argv[2:]) else ["--verbosity=-1"]
-        app.run(module.main, argv=[f"heft {verb}"] + quiet + argv[2:])
+        # absl's own parser prints a flag error with a second line of advice; ours raises it to here.
+        app.run(module.main, argv=[f"heft {verb}"] + quiet + argv[2:], flags_parser=lambda args: flags.FLAGS(args))
     except (ConfigError, CheckpointError, DataError) as e:  # a user's mistake: one line, no trace
         sys.exit(f"heft {verb}: {e}")
+    except flags.Error as e:  # an unknown flag, or a value of the wrong type
+        by_module = flags.FLAGS.flags_by_module_dict()
+        known = sorted(f"--{flag.name}" for name in (module.__name__, "heft.launch.flags")
+                       for flag in by_module.get(name, []))
+        fix = f"; heft {verb} takes {', '.join(known)}" if isinstance(e, flags.UnrecognizedFlagError) else ""
+        sys.exit(f"heft {verb}: {str(e).splitlines()[0]}{fix}")
+    except (OSError, SyntaxError) as e:
+        error = config_file_error(e, argv)
+        if error is None:
+            raise
+        sys.exit(f"heft {verb}: {error}")
     except (KeyError, AttributeError) as e:
         if "Did you mean" not in str(e) and not _is_override_error(e, argv):
             raise
@@ -78,3 +94,40 @@ def _hint(e: Exception) -> str:
 def _is_override_error(e: Exception, argv: list[str]) -> bool:
     key = _first_line(e)
     return any(a.startswith("--config.") and key in a for a in argv)
+
+
+GOOGLE_PCI_VENDOR = "0x1ae0"
+NOT_TPU = {"0x0042"}  # Google PCI devices that are not TPUs: gVNIC, the network card of Compute Engine VMs
+GPU_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")  # NVIDIA, WSL2, AMD
+
+
+def accelerator_attached() -> bool:
+    """Whether a TPU or a GPU may be attached: JAX's own probe (jax._src.hardware_utils reads the
+    PCI bus for Google devices, and the device files GPU drivers make), repeated here so that a
+    mistake in the flags is still reported before the seconds importing JAX takes. A Google device
+    of a kind not known here counts as a TPU: at worst, the warnings stay."""
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as f, open(os.path.join(os.path.dirname(vendor), "device")) as g:
+                if f.read().strip() == GOOGLE_PCI_VENDOR and g.read().strip() not in NOT_TPU:
+                    return True
+        except OSError:
+            continue
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+                or any(os.path.exists(p) for p in GPU_FILES))
+
+
+def skip_absent_tpu() -> None:
+    """Runs JAX on the CPU where no accelerator is attached, so libtpu stays quiet.
+
+    libtpu (from the [tpu] and [test] extras) prints five warnings whenever JAX tries it as a
+    backend on a machine without a TPU. Where no TPU or GPU is attached, the CPU is the only backend
+    anyway, so JAX_PLATFORMS=cpu (for this process and its children) skips libtpu and changes
+    nothing else. With a TPU or GPU present, or JAX_PLATFORMS set, nothing changes: real TPU errors
+    still show. `heft plan` loads libtpu by itself for its abstract topologies either way.
+    """
+    if "JAX_PLATFORMS" in os.environ or accelerator_attached():
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported already (heft called from Python): its config read the variable
+        sys.modules["jax"].config.update("jax_platforms", "cpu")

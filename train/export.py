@@ -10,7 +10,6 @@ from absl import flags
 def define_flags():
     flags.DEFINE_string("checkpoint", None, "a training checkpoint or workdir (its newest checkpoint)")
     flags.DEFINE_string("out", None, "a new directory for the parameters-only checkpoint")
-    flags.DEFINE_bool("params_only", True, "write parameters only (the only form export writes)")
 
 
 def main(argv):
