@@ -119,3 +119,32 @@ def test_non_finite_loss_leaves_the_state_unchanged():
         state, m = compiled.train_step(c, mesh)(state, jax.device_put(batch, sharding.batch_sharding(c, mesh)))
     assert not bool(m["finite"]) and int(state["step"]) == 1
     jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(state["params"]))
+
+
+def test_after_a_skipped_step_the_logged_lr_is_the_one_optax_applies():
+    """Step 1's loss is NaN (skipped); step 2's gradient is zero (all weights 0), so only weight
+    decay moves a matrix, by lr * weight_decay * w: the change gives the applied lr back."""
+    import optax
+
+    from heft.train import optimizer
+
+    c = _config(weight_decay=0.5, grad_clip=0.0)  # warmup over 2 steps: schedule(0) = 0, schedule(1) = lr / 2
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+    mesh = sharding.make_mesh(c, jax.devices()[:1])
+    batch = _batches(c, 1)[0]
+    nan, zero = (dict(batch, weights=np.full((8, 32), v, np.float32)) for v in (np.nan, 0.0))
+    fn = compiled.train_step(c, mesh)
+    state = compiled.init_state(c, mesh)
+    with sharding.activated(mesh, c):
+        state, skipped = fn(state, jax.device_put(nan, sharding.batch_sharding(c, mesh)))
+        before = np.asarray(jax.device_get(state["params"]["readout"]))
+        state, applied = fn(state, jax.device_put(zero, sharding.batch_sharding(c, mesh)))
+    after = np.asarray(jax.device_get(state["params"]["readout"]))
+    assert not bool(skipped["finite"]) and bool(applied["finite"])
+    lr = (before - after) / (c.train.weight_decay * before)
+    np.testing.assert_allclose(lr, float(applied["lr"]), rtol=1e-3)
+    assert float(applied["lr"]) == pytest.approx(c.train.lr / 2)
+    # The schedule stands at the step; Adam's moments (and their count) saw the one finite step only.
+    assert int(optimizer.schedule_count(state["opt_state"])) == int(state["step"]) == 2
+    adam = optax.tree.get(state["opt_state"], "count", filtering=lambda p, _: p[-1].tuple_name == "ScaleByAdamState")
+    assert int(adam) == 1

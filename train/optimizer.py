@@ -1,12 +1,11 @@
 """The optimizer: optax AdamW with a warmup-then-decay schedule, global-norm clipping and a
-weight-decay mask, all from `config.train`."""
+weight-decay mask, all from `config.train`, and what a skipped step does to its state."""
 
 import optax
 from flax import traverse_util
 
 from heft.model.checks import ConfigError
-
-SCHEDULES = ("cosine", "linear", "constant")
+from heft.train.checks import SCHEDULES
 
 
 def schedule(t) -> optax.Schedule:
@@ -50,3 +49,23 @@ def make(t) -> optax.GradientTransformation:
     if t.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
     return adamw
+
+
+def _is_schedule(path, _) -> bool:
+    return getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState"
+
+
+def schedule_count(opt_state):
+    """The step at which optax reads the learning-rate schedule for the next update."""
+    return optax.tree.get(opt_state, "count", filtering=_is_schedule)
+
+
+def skip(opt_state):
+    """The optimizer state after a step whose update is dropped (a NaN or Inf loss or gradient).
+
+    Adam's moments and its bias-correction count stay as they were: no gradient went into them.
+    The schedule's count moves on, as the train step does, so the learning rate optax applies at
+    step s is always schedule(s), the one the loop logs (optax.apply_if_finite would hold the
+    schedule back instead, and every later step would run at an earlier step's rate).
+    """
+    return optax.tree.set(opt_state, _is_schedule, count=schedule_count(opt_state) + 1)

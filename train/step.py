@@ -60,7 +60,8 @@ def gradients(config, params, batch):
 
 def train_step(config, state, batch):
     """One optimizer update. Returns (new state, metrics); a non-finite loss or gradient leaves the
-    state as it was (the loop then stops or skips, by `train.on_nonfinite`)."""
+    parameters and Adam's moments as they were but advances the step and the schedule with it (the
+    loop then stops or skips, by `train.on_nonfinite`). The logged `lr` is the one applied."""
     tx = optimizer.make(config.train)
     loss, grads = gradients(config, state["params"], batch)
     grad_norm = optax.tree.norm(grads)
@@ -68,7 +69,8 @@ def train_step(config, state, batch):
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-    keep = {"step": state["step"] + 1, "params": state["params"], "opt_state": state["opt_state"]}
+    # A skipped step still counts: the step and the schedule move on, the weights and moments do not.
+    keep = {"step": state["step"] + 1, "params": state["params"], "opt_state": optimizer.skip(state["opt_state"])}
     state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, keep)
     metrics = {
         "loss": loss,
