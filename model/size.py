@@ -1,13 +1,14 @@
 """`heft size`: what a config costs, from the abstract model (nothing is allocated).
 
-Parameters per component, bytes in each storage dtype, training memory (params, grads, Adam's two
-moments and an activation estimate) and training FLOPs per token.
+Parameters per component, bytes in each storage dtype, training memory (params, grads, the
+optimizer's state and an activation estimate) and training FLOPs per token.
 """
 
 import json
 import math
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from heft.model import checks
@@ -69,11 +70,14 @@ def report(config, batch: int | None = None, seq_len: int | None = None) -> dict
     # forward and two backward; attention's scores and mixing add 12 * L * T * d per token.
     matmul_params = total - embedding + m.vocab * m.width * m.tied_embeddings
     attn = 12 * m.depth * seq_len * m.heads * checks.head_dim(m)
-    pbytes = 4 if m.param_dtype == "float32" else 2
+    # Training memory is the optimizer's business: one place says what its state costs.
+    from heft.train.optimizer import state_bytes_per_param
+
+    pbytes = jnp.dtype(m.param_dtype).itemsize
     train_bytes = {
         "params": total * pbytes,
-        "grads": total * pbytes,
-        "adam_moments": total * 4 * 2,
+        "grads": total * pbytes,  # gradients take the parameters' dtype
+        "optimizer": total * state_bytes_per_param(m.param_dtype),
         "activations": activation_bytes_per_token(m, seq_len) * batch * seq_len,
     }
     train_bytes["total"] = sum(train_bytes.values())

@@ -46,3 +46,42 @@ def test_size_cli_prints_json_with_total_params():
     c.model.depth = 2
     assert r["total_params"] == size.report(c)["total_params"]
     assert r["bytes"]["bf16"] == 2 * r["total_params"]
+
+
+def _optax_state_bytes(c) -> tuple[int, int]:
+    """(parameters, bytes of the optimizer's state arrays) as optax itself allocates them (shapes
+    only), the scalar step counts aside."""
+    import jax
+
+    from heft.model.decoder import init_params
+    from heft.train import optimizer
+
+    params = jax.eval_shape(lambda: init_params(c.model, 0))
+    state = jax.eval_shape(optimizer.make(c.train).init, params)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    return n, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if x.ndim > 0)
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_optimizer_memory_is_what_optax_allocates_for_the_parameter_dtype(param_dtype):
+    from heft.train import optimizer
+
+    c = tiny.get_config()
+    c.model.param_dtype = param_dtype
+    n, nbytes = _optax_state_bytes(c)
+    assert nbytes == n * optimizer.state_bytes_per_param(param_dtype)
+    assert size.report(c)["training_bytes"]["optimizer"] == nbytes
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_size_and_plan_count_the_same_optimizer_bytes(param_dtype):
+    """heft plan reads the optimizer state's shards off the real train state: over 8 devices of an
+    fsdp mesh they add up to what heft size counts (plus the replicated scalar counts)."""
+    from heft.launch import plan
+    from heft.train import sharding
+
+    c = tiny.get_config()
+    c.model.param_dtype = param_dtype
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
+    _, per_device = plan.state_bytes(c, sharding.make_mesh(c))
+    assert 8 * per_device == pytest.approx(size.report(c)["training_bytes"]["optimizer"], rel=1e-4)

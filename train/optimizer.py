@@ -1,6 +1,7 @@
 """The optimizer: optax AdamW with a warmup-then-decay schedule, global-norm clipping and a
-weight-decay mask, all from `config.train`, and what a skipped step does to its state."""
+weight-decay mask, all from `config.train`; what its state costs; what a skipped step does to it."""
 
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -49,6 +50,14 @@ def make(t) -> optax.GradientTransformation:
     if t.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
     return adamw
+
+
+def state_bytes_per_param(param_dtype: str) -> int:
+    """Bytes of optimizer state per parameter: AdamW's two moments, each kept in the parameter's
+    dtype (optax's `mu_dtype=None` follows the parameters, and `nu` always does). The few scalar
+    step counts are left out. `heft size` counts training memory with it; `heft plan` reads the
+    same state's shapes from optax itself, and the tests hold the two equal."""
+    return 2 * jnp.dtype(param_dtype).itemsize
 
 
 def _is_schedule(path, _) -> bool:
