@@ -40,8 +40,9 @@ FORMAT = 2  # of the store's layout and meta.json; bump when either changes (cac
 CHUNK = 1 << 12  # tokens a reader decodes at least: 8 KiB of uint16
 SHARD = 1 << 22  # tokens per file or object: 8 MiB of uint16 before compression
 _MAX_TOKENS = 1 << 42  # the array's extent while writing; cut to the real length on close
-READ_CACHE_BYTES = 64 << 20  # decoded chunks a reader keeps (tensorstore's cache pool): bounded, whatever the store's size
+READ_CACHE_BYTES = 64 << 20  # decoded chunks kept for readers (tensorstore's cache pool), per process
 META = "meta.json"
+_shared_context: ts.Context | None = None  # one cache pool for every store a process opens
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -187,8 +188,20 @@ class TokenStore:
         return out
 
 
-def open_store(path, cache_bytes: int = READ_CACHE_BYTES) -> TokenStore:
-    """Opens the complete store at `path` for reading, keeping at most `cache_bytes` of decoded chunks.
+def _context(cache_bytes: int | None) -> ts.Context:
+    """The process's shared context (its cache pool bounds the memory of every reader together,
+    however many loaders are open), or a private one with a cache of `cache_bytes`."""
+    global _shared_context
+    if cache_bytes is not None:
+        return ts.Context({"cache_pool": {"total_bytes_limit": int(cache_bytes)}})
+    if _shared_context is None:
+        _shared_context = ts.Context({"cache_pool": {"total_bytes_limit": READ_CACHE_BYTES}})
+    return _shared_context
+
+
+def open_store(path, cache_bytes: int | None = None) -> TokenStore:
+    """Opens the complete store at `path` for reading. Decoded chunks are kept in the process's
+    shared cache of READ_CACHE_BYTES, or, given `cache_bytes`, in a cache of this store's own.
 
     Raises DataError if there is no complete store there, or one of another format, or a damaged one.
     """
@@ -202,9 +215,8 @@ def open_store(path, cache_bytes: int = READ_CACHE_BYTES) -> TokenStore:
             f"the token store at {path} has format {meta.get('format')}, but this heft reads format {FORMAT}; "
             f"run heft prepare with the same config to rebuild it"
         )
-    context = ts.Context({"cache_pool": {"total_bytes_limit": int(cache_bytes)}})
     try:
-        tokens = ts.open(_spec(paths.path(path) / meta["array"]), open=True, read=True, context=context).result()
+        tokens = ts.open(_spec(paths.path(path) / meta["array"]), open=True, read=True, context=_context(cache_bytes)).result()
     except ValueError as e:  # tensorstore's NOT_FOUND and friends
         raise DataError(
             f"the token store at {path} is damaged ({str(e).splitlines()[0][:200]}); "
