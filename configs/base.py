@@ -48,7 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
     # matmul outputs and recomputes the elementwise ops; under the layer scan it is also faster
     # than keeping everything (bench/RESULTS.md: 0.87 vs 1.11 s per step at the bench shape).
     m.remat = "save_matmuls"
-    m.document_mask = False  # attention stays inside a packed document (needs segment ids)
+    # Attention stays inside each packed document (by the batch's segment ids). Packing restarts
+    # positions at every document, so without the mask a token would also see the previous
+    # document's keys at RoPE offsets it never meets at inference (MaxText masks and resets together).
+    m.document_mask = True
 
     # Mesh: sizes of the data, fsdp and tensor axes; -1 fills the remaining devices.
     c.mesh = ml_collections.ConfigDict()
