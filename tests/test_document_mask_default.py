@@ -15,9 +15,11 @@ from heft.train import step
 def test_default_loss_on_a_packed_row_is_the_sum_of_each_document_alone():
     c = base.get_config()
     c.model.update(vocab=128, width=32, depth=2, heads=4, kv_heads=2, mlp_width=64)
-    params = init_params(c.model, 0)
     rng = np.random.default_rng(0)
-    lengths = (9, 7)
+    # Random parameters of the model's shapes (compiling the initializer would take longer than the test).
+    params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype),
+                          jax.eval_shape(lambda: init_params(c.model, 0)))
+    lengths = (8, 8)  # one shape for both documents alone: two compiles in all
     docs = [rng.integers(0, c.model.vocab, n + 1).astype(np.int32) for n in lengths]  # inputs and targets
 
     def batch(rows):
@@ -28,6 +30,7 @@ def test_default_loss_on_a_packed_row_is_the_sum_of_each_document_alone():
                 .astype(np.int32),
                 "weights": np.ones_like(inputs, np.float32)}
 
-    packed, _ = jax.jit(lambda p, b: step.loss_sums(c, p, b))(params, batch(docs))
-    alone = sum(float(step.loss_sums(c, params, batch([d]))[0]) for d in docs)
+    loss_sums = jax.jit(lambda p, b: step.loss_sums(c, p, b))
+    packed, _ = loss_sums(params, batch(docs))
+    alone = sum(float(loss_sums(params, batch([d]))[0]) for d in docs)
     np.testing.assert_allclose(float(packed), alone, rtol=1e-5)
