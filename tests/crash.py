@@ -11,7 +11,6 @@ from a sealed step no more than one interval older, and every sealed step must v
 
 import argparse
 import json
-import os
 import random
 import signal
 import subprocess
@@ -51,12 +50,19 @@ while True:
 '''
 
 
+def _steps(directory: str) -> list:
+    from heft.train import storage
+
+    directory = storage.path(directory)
+    if not directory.exists():
+        return []
+    return sorted((p for p in directory.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
 def committed_steps(directory: str) -> list[int]:
     from heft.train import checkpoint
 
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(d) for d in os.listdir(directory) if d.isdigit() and checkpoint.committed(os.path.join(directory, d)))
+    return [int(p.name) for p in _steps(directory) if checkpoint.committed(p)]
 
 
 def verify_all(directory: str) -> tuple[list[int], list[str]]:
@@ -64,8 +70,8 @@ def verify_all(directory: str) -> tuple[list[int], list[str]]:
     from heft.train import manifest
 
     sealed, problems = [], []
-    for d in sorted((d for d in os.listdir(directory) if d.isdigit()), key=int) if os.path.isdir(directory) else []:
-        path = os.path.join(directory, d)
+    for path in _steps(directory):
+        d = path.name
         if manifest.is_sealed(path):
             try:
                 manifest.verify(path)
@@ -95,7 +101,7 @@ def _read_until(proc, prefix: str, timeout: float) -> tuple[str, list[str]]:
 def run(workdir: str, trials: int = 20, seed: int = 0, interval: int = 1) -> list[dict]:
     """The matrix; returns one record per trial (raises AssertionError on the first broken promise)."""
     rng = random.Random(seed)
-    directory = os.path.join(workdir, "checkpoints")
+    directory = f"{workdir}/checkpoints"
     records, last_committed = [], None
     for trial in range(trials + 1):
         proc = _start(workdir)
@@ -108,6 +114,7 @@ def run(workdir: str, trials: int = 20, seed: int = 0, interval: int = 1) -> lis
         if trial == trials:
             proc.kill()
             proc.wait()
+            time.sleep(1)  # requests the driver sent before it died may still land on a remote store
             break
         _read_until(proc, "saved", 120)  # at least one save under way
         delay = rng.uniform(0.0, 1.5)

@@ -157,13 +157,16 @@ def test_resume_refuses_a_different_model_naming_the_fields(tmp_path):
     c, _, _ = _saved(tmp_path)
     changed = _config()
     changed.model.width, changed.model.remat = 128, "full"  # remat only changes how it runs: allowed
+    changed.model.activation = "gelu"
     ckpt = checkpoint.Checkpointer(str(tmp_path), changed)
-    with pytest.raises(manifest.CheckpointError, match=r"model.width=64 in the checkpoint but 128 now") as e:
+    with pytest.raises(manifest.CheckpointError, match=r"model.activation='swiglu' in the checkpoint but 'gelu' now, "
+                                                       r"model.width=64 in the checkpoint but 128 now; resume with") as e:
         ckpt.check_config(ckpt.latest())
     assert "remat" not in str(e.value)
-    changed.model.width = 64
-    changed.train.lr = 1e-3
-    assert any(n.startswith("train.lr:") for n in ckpt.check_config(ckpt.latest()))
+    changed.model.width, changed.model.activation = 64, "swiglu"
+    changed.train.lr, changed.model.rope_theta = 1e-3, 5e5
+    notes = ckpt.check_config(ckpt.latest())
+    assert any(n.startswith("train.lr:") for n in notes) and any(n.startswith("model.rope_theta:") for n in notes)
 
 
 def test_resume_refuses_a_changed_corpus_unless_allowed(tmp_path):

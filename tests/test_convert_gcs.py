@@ -67,7 +67,6 @@ def test_import_from_a_bucket_gives_the_parameters_back_bit_for_bit_and_leaves_n
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(nnx.to_pure_dict(imported)))
 
 
-@pytest.mark.xfail(reason="waits for gs:// checkpoints", strict=False)
 def test_convert_from_a_bucket_to_a_bucket_and_back_keeps_every_file(gcs, tmp_path, sentencepiece_model):
     """--from_hf=gs:// --out=gs://, then --to_hf=gs:// --out=gs://: the Hugging Face files come back."""
     c, params = _model()

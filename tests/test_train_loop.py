@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -91,8 +92,14 @@ def test_train_writes_metrics_and_resumes_bit_for_bit(tmp_path):
 
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
 
+    # Resuming the finished run with another width: refused in one line naming the field.
+    r = _heft(["train", f"--workdir={split}", *_overrides(tmp_path, steps=20), "--config.model.width=128"])
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("heft train: the model differs from the checkpoint's (step 10 "), r.stderr
+    assert "model.width=64 in the checkpoint but 128 now" in r.stderr
 
-def test_sigterm_saves_at_the_current_step_and_exits_zero(tmp_path):
+
+def test_sigterm_saves_at_the_current_step_and_exits_zero_and_a_second_run_is_refused_meanwhile(tmp_path):
     workdir = str(tmp_path / "run")
     args = ["heft", "train", f"--workdir={workdir}",
             *_overrides(tmp_path, steps=100000, **{"train.checkpoint_every": 100000, "train.eval_every": 100000})]
@@ -101,6 +108,10 @@ def test_sigterm_saves_at_the_current_step_and_exits_zero(tmp_path):
     while time.time() < deadline and not (os.path.exists(os.path.join(workdir, "metrics.jsonl"))
                                           and len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) >= 3):
         time.sleep(0.5)
+    second = _heft(args[1:])  # a second run on the same workdir is refused, naming the first
+    assert second.returncode != 0 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert second.stderr.strip().splitlines()[-1].startswith(
+        f"heft train: {workdir} is in use by another heft train (host {socket.gethostname()}, pid {proc.pid}"), second.stderr
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
@@ -118,22 +129,55 @@ def test_nan_loss_stops_with_the_step_and_a_hint(tmp_path):
     assert last.startswith("heft train: loss or gradient became NaN/Inf at step") and "train.lr" in last
 
 
-@pytest.mark.slow
-def test_two_processes_give_the_losses_of_one(tmp_path):
-    """Two local processes (2 CPU devices each, gloo collectives) == one process with 4 devices."""
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    args = _overrides(tmp_path, steps=4, **{"train.eval_every": 100, "train.checkpoint_every": 100})
-    r = _heft(["train", f"--workdir={one}", *args],
-              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    port = 20000 + os.getpid() % 20000
-    procs = [subprocess.Popen(
-        ["heft", "train", f"--workdir={two}", *args, f"--coordinator=127.0.0.1:{port}",
-         "--num_processes=2", f"--process_id={i}"],
+def _two_processes(workdir, args, port, extra=()):
+    return [subprocess.Popen(
+        ["heft", "train", f"--workdir={workdir}", *args, f"--coordinator=127.0.0.1:{port}",
+         "--num_processes=2", f"--process_id={i}", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_a_sigterm_to_one_of_them_stops_both_at_one_step(tmp_path):
+    """Two local processes (2 CPU devices each, gloo collectives) == one process with 4 devices; a
+    SIGTERM to process 1 alone makes both save the same step and exit 0, and resuming gives the
+    uninterrupted run's losses bit for bit. The checkpoints are sealed by both hosts' hashes."""
+    one, two, cut = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "cut")
+    # A constant rate after warmup: the interrupted run's longer train.steps leaves the schedule alone.
+    args = _overrides(tmp_path, steps=12, **{"train.eval_every": 100, "train.checkpoint_every": 4,
+                                             "train.schedule": "constant"})
+    r = _heft(["train", f"--workdir={one}", *args], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    port = 20000 + os.getpid() % 20000
+    procs = _two_processes(two, args, port)
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     a, _ = _metrics(one)
     b, _ = _metrics(two)
-    np.testing.assert_allclose([b[s]["loss"] for s in range(1, 5)], [a[s]["loss"] for s in range(1, 5)], rtol=1e-5)
+    np.testing.assert_allclose([b[s]["loss"] for s in range(1, 13)], [a[s]["loss"] for s in range(1, 13)], rtol=1e-5)
+
+    slow = _overrides(tmp_path, steps=100000, **{"train.eval_every": 100000, "train.checkpoint_every": 4,
+                                                 "train.schedule": "constant"})
+    procs = _two_processes(cut, slow, port + 1)
+    metrics = os.path.join(cut, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # the preemption reaches one host only
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    stopped = int(outs[0].split("stopped at step ")[-1].split()[0])
+    assert stopped < 12, outs[0][-2000:]
+    steps = sorted(int(d) for d in os.listdir(os.path.join(cut, "checkpoints")) if d.isdigit())
+    assert steps[-1] == stopped  # one step, saved by both processes together
+    from heft.train import manifest
+
+    files = manifest.verify(os.path.join(cut, "checkpoints", str(stopped)))["files"]
+    assert any("ocdbt.process_1" in f for f in files) and any("ocdbt.process_0" in f for f in files)
+
+    procs = _two_processes(cut, args, port + 2)
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert f"resumed from step {stopped}" in outs[0]
+    c, _ = _metrics(cut)
+    assert [c[s]["loss"] for s in range(1, 13)] == [b[s]["loss"] for s in range(1, 13)]

@@ -36,8 +36,10 @@ from heft.train.manifest import CheckpointError
 TOKENIZER = "tokenizer.model"
 ITEMS = ("state", "data", "facts")
 _TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
-# Model fields that change how a model runs but not what its parameters mean: free to change on resume.
-RUNTIME_MODEL_FIELDS = ("remat", "scan_layers", "compute_dtype")
+# Model fields that decide the parameters' shapes, dtypes or meaning: a checkpoint's must match.
+# The rest (remat, compute dtype, RoPE base, norm epsilon, the document mask...) may change on resume.
+PARAMETER_FIELDS = ("vocab", "width", "depth", "heads", "kv_heads", "head_dim", "mlp_width", "use_bias",
+                    "tied_embeddings", "positions", "norm", "activation", "param_dtype")
 
 
 def config_to_json(config) -> str:
@@ -143,6 +145,7 @@ class Checkpointer:
         self.custodian = custody.Custodian(self.process_index, self.process_count, committed,
                                            after_seal=self._retain, signing_key=k.get("signing_key") or None)
         self.started: list[int] = []  # steps this run began to save
+        self._tokenizer_of, self._tokenizer_b64 = object(), None  # the prepared data it was read from
 
     # The workdir's steps.
 
@@ -238,12 +241,13 @@ class Checkpointer:
     def check_config(self, resume: Resume) -> list[str]:
         """Raises CheckpointError if the model differs from the checkpoint's; returns notes on other changes."""
         diffs = _diff(resume.manifest.get("config", {}), _config_dict(self.config))
-        model = [d for d in diffs if d[0].startswith("model.") and d[0][len("model."):] not in RUNTIME_MODEL_FIELDS]
+        fields = PARAMETER_FIELDS + (("max_len",) if self.config.model.positions == "learned" else ())
+        model = [d for d in diffs if d[0].startswith("model.") and d[0][len("model."):] in fields]
         if model:
             raise CheckpointError(
                 f"the model differs from the checkpoint's (step {resume.step} in {self.directory}): {_fields(model)}; "
                 "resume with the checkpoint's model config or train in a new --workdir")
-        return [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs if not k.startswith(("data.", "name"))]
+        return [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs if not k.startswith("data.") and k != "name"]
 
     def check_data(self, resume: Resume, prepared) -> str | None:
         """Whether the prepared data is the checkpoint's. Raises CheckpointError if the corpus changed
@@ -301,9 +305,12 @@ class Checkpointer:
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "processes": self.process_count,
         }
-        tokenizer = _tokenizer_bytes(self.prepared)
-        if tokenizer is not None:
-            facts["tokenizer_base64"] = base64.b64encode(tokenizer).decode()
+        if self._tokenizer_of is not self.prepared:  # read once per data, not at every save
+            tokenizer = _tokenizer_bytes(self.prepared)
+            self._tokenizer_b64 = base64.b64encode(tokenizer).decode() if tokenizer is not None else None
+            self._tokenizer_of = self.prepared
+        if self._tokenizer_b64 is not None:
+            facts["tokenizer_base64"] = self._tokenizer_b64
         return facts
 
     def save(self, step: int, state: dict, loader_state: dict) -> None:

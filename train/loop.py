@@ -4,7 +4,7 @@
 loop on its own slice of the batch; only process 0 writes metrics.
 """
 
-import math
+import sys
 import time
 
 import jax
@@ -12,9 +12,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from heft.data import loader as data_loader
-from heft.data import prepare as data_prepare
-from heft.model import checks, size
-from heft.train import checkpoint, compiled, lock, metrics, peak, sharding, storage
+from heft.data import processes as data_processes
+from heft.model import size
+from heft.train import checkpoint, checks, compiled, lock, metrics, peak, sharding, storage
 
 
 class NonFiniteLoss(RuntimeError):
@@ -22,13 +22,9 @@ class NonFiniteLoss(RuntimeError):
 
 
 def prepare_data(config, tokenizer_path=None):
-    """Process 0 prepares (tokenizer, token store; cached), then the others load what it wrote."""
-    if jax.process_index() == 0:
-        prepared = data_prepare.prepare(config, tokenizer_path=tokenizer_path)
-    multihost_utils.sync_global_devices("heft: data prepared")
-    if jax.process_index() != 0:
-        prepared = data_prepare.prepare(config, tokenizer_path=tokenizer_path)
-    return prepared
+    """The tokenizer and token store, the same on every process (data/processes.py); a progress bar
+    only where someone watches a terminal."""
+    return data_processes.prepare_for_processes(config, tokenizer_path, progress=sys.stderr.isatty())
 
 
 def make_loader(config, prepared):
@@ -50,27 +46,6 @@ def heldout_loss(config, mesh, eval_fn, params, prepared) -> float:
         loss_sum, weight_sum = eval_fn(params, batch)
         total, count = total + float(loss_sum), count + float(weight_sum)
     return total / max(count, 1.0)
-
-
-def check(config, mesh) -> None:
-    """Every error a user can cause in the config, raised before anything compiles."""
-    checks.check_model(config.model)
-    t = config.train
-    sharding.check_batch(config, mesh, t.batch_size)
-    if t.batch_size % t.micro_batches or (t.batch_size // t.micro_batches) % math.prod(
-        mesh.shape[a] for a in ("data", "fsdp")
-    ):
-        raise checks.ConfigError(
-            f"train.batch_size={t.batch_size} does not split into train.micro_batches={t.micro_batches} "
-            "micro-batches that each divide over the data and fsdp devices; change either"
-        )
-    if config.model.positions == "learned" and t.seq_len > config.model.max_len:
-        raise checks.ConfigError(
-            f"train.seq_len={t.seq_len} exceeds model.max_len={config.model.max_len}; raise max_len"
-        )
-    if t.on_nonfinite not in ("stop", "skip"):
-        raise checks.ConfigError(f"train.on_nonfinite={t.on_nonfinite!r} is unknown; choose stop or skip")
-    sharding.param_dict_shardings(config.model, mesh, config)  # divisibility of every parameter
 
 
 def fit_before_launch(config, mesh):
@@ -127,7 +102,8 @@ def train(config, workdir: str, stop_requested=lambda step: False) -> dict:
     is already at `train.steps` returns {"already_done": step}. One run at a time holds the workdir.
     """
     mesh = sharding.make_mesh(config)
-    check(config, mesh)
+    checks.check(config, mesh)
+    compiled.use_compilation_cache(config)
     held = take_workdir(workdir)
     try:
         return _train(config, workdir, mesh, stop_requested, held)
@@ -158,20 +134,19 @@ def _train(config, workdir, mesh, stop_requested, held) -> dict:
         _note(f"heft: tokenizing {'the new corpus' if new_corpus else 'the corpus'} with the checkpoint's own tokenizer")
         prepared = prepare_data(config, tokenizer_path=resume.tokenizer_path)
     ckpt.prepared = prepared
-    loader = make_loader(config, prepared)
 
     abstract = compiled.abstract_state(config, mesh)
     step_fn = None
     if jax.devices()[0].platform == "tpu":
         step_fn = fit_before_launch(config, mesh)
+    loader_state = None
     if resume is None:
         state = compiled.init_state(config, mesh)
     else:
         state, loader_state = ckpt.restore(resume, abstract)
         if new_corpus:
             _note("heft: the corpus changed (checkpoint.allow_data_change): reading it from its start")
-        else:
-            loader.restore(loader_state)
+            loader_state = None
     start = int(state["step"])
 
     report = size.report(config, t.batch_size, t.seq_len)
@@ -187,6 +162,9 @@ def _train(config, workdir, mesh, stop_requested, held) -> dict:
         compile_s = time.perf_counter() - compile_start
         eval_fn = compiled.eval_step(config, mesh)
 
+    loader = make_loader(config, prepared)
+    if loader_state is not None:
+        loader.restore(loader_state)
     writer = metrics.Writer(workdir, start)
     progress = metrics.Progress(t.steps, start)
     if resume is not None:
@@ -237,21 +215,23 @@ def _train(config, workdir, mesh, stop_requested, held) -> dict:
                 ckpt.save(step, state, loader.state())
                 ckpt.close()
                 progress.note(f"stopped at step {step}: checkpoint saved in {ckpt.directory}")
-                writer.close()
-                progress.close()
                 return {"stopped_at": step}
             if step % t.checkpoint_every == 0 or step == t.steps:
                 ckpt.save(step, state, loader.state())
         if pending is not None:
             skipped += _check_finite(pending, t, progress)
         ckpt.close()
-        writer.close()
     except Exception as e:
         if storage.no_space(e):
             raise ckpt.out_of_space(e, writer_path=getattr(writer, "path", None)) from None
         raise
     finally:
+        loader.close()
         progress.close()
+        try:
+            writer.close()
+        except OSError:  # a full disk is reported above; metrics are not worth a second error
+            pass
     from heft.data.stats import unigram_cross_entropy
 
     return {

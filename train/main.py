@@ -6,6 +6,7 @@ and exits 0 (train/preemption.py).
 
 import json
 import logging
+import sys
 
 from absl import flags
 from absl import logging as absl_logging
@@ -40,10 +41,24 @@ class _OrbaxErrorsRaisedAnyway(logging.Filter):
         return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
+def _quiet_closed_loops(default_hook):
+    """When a save fails, orbax closes its event loop while tensorstore writes are still pending;
+    as each completes, tensorstore prints "Event loop is closed" through sys.excepthook. The failure
+    itself is reported by the training thread; these echoes are dropped."""
+
+    def hook(kind, value, tb):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        default_hook(kind, value, tb)
+
+    return hook
+
+
 def main(argv):
     del argv
     f = flags.FLAGS
     absl_logging.get_absl_handler().addFilter(_OrbaxErrorsRaisedAnyway())
+    sys.excepthook = _quiet_closed_loops(sys.excepthook)
     from heft.launch import distributed
 
     distributed.initialize(f.coordinator, f.num_processes, f.process_id)

@@ -15,6 +15,7 @@ Hashing is split across hosts (custody.py); this module holds the format and the
 """
 
 import base64
+import functools
 import hashlib
 import json
 import subprocess
@@ -47,6 +48,7 @@ def content_files(directory) -> list[str]:
     return [f for f in storage.files_under(directory, skip=(SCRATCH,)) if f not in NOT_CONTENT]
 
 
+@functools.cache
 def code_version() -> str:
     """The git commit of the heft source in use (with "-dirty" if it has local edits), if any."""
     import os
@@ -192,9 +194,11 @@ def read(directory, verify_key: str | None = None) -> dict:
 def check_file(directory, rel: str, want: dict) -> str | None:
     """None if `rel` matches its manifest entry; else a one-line description of what is wrong."""
     p = storage.path(directory) / rel
-    if not p.exists():
-        return f"{p} is missing from the checkpoint (listed in its manifest); restore an earlier checkpoint"
-    got, size = sha256_file(p)
+    missing = f"{p} is missing from the checkpoint (listed in its manifest); restore an earlier checkpoint"
+    try:
+        got, size = sha256_file(p)
+    except FileNotFoundError:
+        return missing
     if size != want["bytes"]:
         return (f"{p} has {size} bytes, the manifest says {want['bytes']}: truncated or altered; "
                 "restore an earlier checkpoint")

@@ -55,17 +55,24 @@ def read_json(target):
     return json.loads(path(target).read_text())
 
 
+def _bare(p) -> str:
+    """A path without its scheme: how gcsfs names the folders it walks (`bucket/a/b`)."""
+    p = str(p)
+    return p.split("://", 1)[1] if "://" in p else p
+
+
 def files_under(directory, skip=()) -> list[str]:
     """Every file below `directory`, as sorted paths relative to it; subfolders named in `skip` are
     left out whole (e.g. custody's scratch files)."""
     directory = path(directory)
+    base = _bare(directory).rstrip("/")
     out = []
     for root, dirs, names in directory.walk():
-        root = epath.Path(root)
-        rel_root = "" if root == directory else os.path.relpath(str(root), str(directory))
+        rel_root = os.path.relpath(_bare(root).rstrip("/"), base)
+        rel_root = "" if rel_root == "." else rel_root
         if rel_root.split(os.sep)[0] in skip:
+            dirs[:] = []
             continue
-        dirs[:] = [d for d in dirs if not (rel_root == "" and d in skip)]
         out += [os.path.join(rel_root, n) if rel_root else n for n in names]
     return sorted(out)
 

@@ -28,6 +28,8 @@ def report(directory, key: str | None = None) -> tuple[bool, str]:
     try:
         m = manifest.read(directory, key)
     except manifest.CheckpointError as e:
+        if not manifest.is_sealed(directory):  # removed by a running job's retention meanwhile
+            return True, f"removed  {directory}  (deleted while being checked: a running job's retention)"
         return False, f"FAILED   seal: {e}"
     seal = "seal signed and ok" if key else "seal ok"
     try:
