@@ -115,6 +115,9 @@ def get_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 500
     t.on_nonfinite = "stop"  # stop | skip: what a NaN or Inf loss does
     t.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 measures this machine's matmul peak
+    # JAX's persistent compilation cache: "" = $JAX_COMPILATION_CACHE_DIR or ~/.cache/heft/compile;
+    # a gs:// folder lets every host of a pod, and every restart, reuse one compile; "none" turns it off.
+    t.compilation_cache = ""
 
     # Checkpoints (orbax).
     k = c.checkpoint = ml_collections.ConfigDict()

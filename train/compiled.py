@@ -55,3 +55,22 @@ def abstract_batch(config, mesh: Mesh, batch_size: int | None = None, seq_len: i
     shape = (batch_size or config.train.batch_size, seq_len or config.train.seq_len)
     sh = sharding.batch_sharding(config, mesh)
     return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh) for k, dt in BATCH_KEYS.items()}
+
+
+def use_compilation_cache(config) -> str | None:
+    """Turns on JAX's persistent compilation cache, so a restart (a preemption, a resumed job, the
+    next run of the same shape) loads its compiled step instead of compiling it again.
+
+    `train.compilation_cache`: a directory (local or gs://, which a whole pod can share and which
+    survives preemption), "none" to turn it off, or "" for $JAX_COMPILATION_CACHE_DIR, else
+    $HEFT_CACHE/compile, else ~/.cache/heft/compile. Returns the directory in use.
+    """
+    import os
+
+    where = config.train.get("compilation_cache", "")
+    if where == "none":
+        return None
+    where = where or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        os.path.expanduser(os.environ.get("HEFT_CACHE") or "~/.cache/heft"), "compile")
+    jax.config.update("jax_compilation_cache_dir", where)
+    return where
