@@ -1,4 +1,4 @@
-"""What one TPU chip can do: peak bf16 FLOP/s, HBM capacity and HBM bandwidth, from Google's spec pages.
+"""What one accelerator chip can do: peak bf16 FLOP/s, HBM capacity and HBM bandwidth, from the vendors' spec pages.
 
 The one place these numbers live. `heft plan` divides a step's FLOPs and bytes by them (the roofline)
 and compares a step's memory with the HBM. Each row names its public source; where a page gives
@@ -28,10 +28,27 @@ CHIPS = {
         Chip("v5e", "TPU v5 lite", 197e12, 16 * GiB, 819e9, 1, "https://cloud.google.com/tpu/docs/v5e"),
         Chip("v5p", "TPU v5", 459e12, 95 * GiB, 2765e9, 2, "https://cloud.google.com/tpu/docs/v5p"),
         Chip("v6e", "TPU v6 lite", 918e12, 32 * GiB, 1640e9, 1, "https://cloud.google.com/tpu/docs/v6e"),
+        # GPUs: dense (not 2:4 sparse) bf16 tensor-core peaks, SXM boards.
+        Chip("a100", "NVIDIA A100", 312e12, 80 * 10**9, 2039e9, 1,
+             "https://www.nvidia.com/en-us/data-center/a100/"),
+        Chip("h100", "NVIDIA H100", 989e12, 80 * 10**9, 3350e9, 1,
+             "https://www.nvidia.com/en-us/data-center/h100/"),
+        Chip("h100-pcie", "NVIDIA H100 PCIe", 756e12, 80 * 10**9, 2000e9, 1,
+             "https://www.nvidia.com/en-us/data-center/h100/"),
+        Chip("h200", "NVIDIA H200", 989e12, 141 * 10**9, 4800e9, 1,
+             "https://www.nvidia.com/en-us/data-center/h200/"),
     )
 }
 
 
 def by_kind(device_kind: str) -> Chip | None:
-    """The chip whose jax `device_kind` this is (abstract topology devices and real ones agree)."""
-    return next((c for c in CHIPS.values() if c.device_kind == device_kind), None)
+    """The chip whose jax `device_kind` this is (abstract topology devices and real ones agree).
+
+    GPUs report board variants ("NVIDIA H100 80GB HBM3"): the longest table entry that begins the
+    reported kind wins, so "NVIDIA H100 PCIe" is not taken for the SXM part.
+    """
+    exact = next((c for c in CHIPS.values() if c.device_kind == device_kind), None)
+    if exact is not None:
+        return exact
+    prefixes = [c for c in CHIPS.values() if c.device_kind.startswith("NVIDIA") and device_kind.startswith(c.device_kind)]
+    return max(prefixes, key=lambda c: len(c.device_kind), default=None)

@@ -1,4 +1,11 @@
-"""The matmul peak of this machine's devices, measured: MFU's denominator when the config gives none."""
+"""MFU's denominator: the peak FLOP/s of the devices a run uses.
+
+`train.peak_flops` (per device) wins when set. On TPUs and GPUs the peak comes from the chip table
+by `device_kind` (launch/chips.py, the vendors' spec numbers): a timed matmul there measures
+dispatch more than the chip (a 2048² bf16 matmul takes microseconds). A device kind the table does
+not know gets a warning and a measured peak from a large bf16 matmul. On CPU the peak is measured,
+since CPUs differ between machines far more than their names say.
+"""
 
 import time
 
@@ -20,7 +27,19 @@ def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> 
     return 2 * n**3 / best
 
 
-def machine_peak(config) -> float:
+def device_peak(device, warn=print) -> float:
+    """Peak FLOP/s of one accelerator from the chip table, or measured if its kind is unknown."""
+    from heft.launch import chips
+
+    chip = chips.by_kind(device.device_kind)
+    if chip is not None:
+        return chip.peak_flops
+    warn(f"heft: no chip table entry for device kind {device.device_kind!r} (launch/chips.py): MFU is against a "
+         "measured bf16 matmul; set train.peak_flops to the spec peak for a comparable figure")
+    return measure_matmul_flops(n=8192, repeats=3, dtype=jnp.bfloat16)
+
+
+def machine_peak(config, warn=print) -> float:
     """Peak FLOP/s of all devices together (`train.peak_flops` is per device).
 
     On CPU the fake devices share the same cores, so one device's measured matmul is the whole
@@ -31,4 +50,4 @@ def machine_peak(config) -> float:
         return config.train.peak_flops * len(devices)
     if devices[0].platform == "cpu":
         return measure_matmul_flops()
-    return measure_matmul_flops(dtype=jnp.bfloat16) * len(devices)
+    return device_peak(devices[0], warn) * len(devices)
