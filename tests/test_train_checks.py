@@ -83,3 +83,11 @@ def test_mesh_mistakes_are_named_before_compiling(fields, message):
     c.update_from_flattened_dict(fields)
     with pytest.raises(ConfigError, match=message):
         checks.check(c, sharding.make_mesh(c))
+
+
+@pytest.mark.parametrize("field", ["signing_key", "verify_key"])
+def test_a_missing_signing_or_verify_key_is_named_at_config_time(field, tmp_path):
+    c = tiny.get_config()
+    c.checkpoint[field] = str(tmp_path / "absent.pem")
+    with pytest.raises(ConfigError, match=rf"checkpoint.{field}=.*absent.pem' does not exist; make a key pair"):
+        checks.check_config(c)

@@ -105,11 +105,23 @@ def check_train(config) -> None:
                           "positions); raise max_len or lower seq_len")
 
 
+def check_keys(config) -> None:
+    """`checkpoint.signing_key` and `verify_key`, when set, name files that exist (local or gs://)."""
+    from heft.train import storage
+
+    for field in ("signing_key", "verify_key"):
+        value = config.checkpoint.get(field) or ""
+        if value and not storage.path(value).exists():
+            raise ConfigError(f"checkpoint.{field}={value!r} does not exist; make a key pair with "
+                              "`heft verify --new_key=PATH` or unset the field")
+
+
 def check_config(config) -> None:
     """Every error the config alone can show, model first; raises ConfigError for the first one."""
     model_checks.check_model(config.model)
     check_mesh_fields(config.mesh)
     check_train(config)
+    check_keys(config)
 
 
 def batch_devices(config, mesh) -> int:
