@@ -40,7 +40,11 @@ FORMAT = 2  # of the store's layout and meta.json; bump when either changes (cac
 CHUNK = 1 << 12  # tokens a reader decodes at least: 8 KiB of uint16
 SHARD = 1 << 22  # tokens per file or object: 8 MiB of uint16 before compression
 _MAX_TOKENS = 1 << 42  # the array's extent while writing; cut to the real length on close
-READ_CACHE_BYTES = 64 << 20  # decoded chunks kept for readers (tensorstore's cache pool), per process
+# Decoded chunks kept for readers (tensorstore's cache pool), per process. Enough to hold a small
+# store whole (the embedded corpus's is 4 MB) and many shard indexes; rows of a large store
+# rarely share chunks, so more buys little, and the pool's resident memory runs at ~3x its
+# limit (bench/RESULTS.md).
+READ_CACHE_BYTES = 16 << 20
 META = "meta.json"
 _shared_context: ts.Context | None = None  # one cache pool for every store a process opens
 
