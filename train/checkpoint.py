@@ -30,7 +30,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import path as ocp_path
 
-from heft.train import custody, manifest, storage
+from heft.train import custody, hosts, manifest, storage
 from heft.train.manifest import CheckpointError
 
 TOKENIZER = "tokenizer.model"
@@ -172,41 +172,49 @@ class Checkpointer:
         (p / manifest.SEAL).unlink(missing_ok=True)
         p.rmtree(missing_ok=True)
 
-    def _barrier(self, name: str) -> None:
-        if self.process_count > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"heft: {name}")
-
-    def _recover(self) -> None:
-        """Seals the newest committed-but-unsealed step, removes what cannot be trusted, applies retention."""
+    def _plan_recovery(self) -> dict:
+        """What to do with the steps a stopped run left: decided by process 0 alone, from one listing."""
         steps, tmp = self._listing()
         sealed = [s for s in steps if manifest.is_sealed(self.step_dir(s))]
         newest = max(sealed, default=None)
+        plan = {"seal": None, "remove": [], "tmp": [p.name for p in tmp], "newest": newest}
         for step in sorted((s for s in steps if s not in sealed), reverse=True):
             directory = self.step_dir(step)
-            if (newest is None or step > newest) and committed(directory) and self._sealable(directory):
-                facts, extra = _seal_facts(read_facts(directory))
-                custody.seal(directory, facts, self.process_index, self.process_count, extra_files=extra,
-                             signing_key=self.config.checkpoint.get("signing_key") or None)
-                self._barrier(f"sealed {step}")
-                self.note(f"heft: sealed step {step} in {self.directory}: its save had completed but the run "
-                          "stopped before sealing it")
-                newest = step
-                continue
-            if self.process_index == 0:
-                self._remove(directory)
-            why = "its save was cut short" if not committed(directory) or step > (newest or -1) else \
-                f"it is older than sealed step {newest}"
-            self.note(f"heft: removed unsealed step {step} from {self.directory} ({why})")
-        for p in tmp:
-            if self.process_index == 0:
-                p.rmtree(missing_ok=True)
-            self.note(f"heft: removed the unfinished save of step {_TMP.match(p.name).group(1)} from {self.directory}")
+            if plan["seal"] is None and (newest is None or step > newest) and committed(directory) \
+                    and self._sealable(directory):
+                plan["seal"] = step
+            else:
+                why = (f"older than sealed step {newest}; a deletion or a save was cut short"
+                       if newest is not None and step < newest else "its save was cut short")
+                plan["remove"].append([step, why])
+        return plan
+
+    def _recover(self) -> None:
+        """Seals the newest committed-but-unsealed step, removes what cannot be trusted, applies retention.
+
+        Process 0 decides and every process follows, so that all of them take part in the same seal.
+        """
+        plan = hosts.broadcast_json(self._plan_recovery() if self.process_index == 0 else None)
+        newest = plan["newest"]
+        if plan["seal"] is not None:
+            step = plan["seal"]
+            directory = self.step_dir(step)
+            facts, extra = _seal_facts(read_facts(directory))
+            custody.seal(directory, facts, self.process_index, self.process_count, extra_files=extra,
+                         signing_key=self.config.checkpoint.get("signing_key") or None)
+            self.note(f"heft: sealed step {step} in {self.directory}: its save had completed but the run "
+                      "stopped before sealing it")
+            newest = step
         if self.process_index == 0:
+            for step, why in plan["remove"]:
+                self._remove(self.step_dir(step))
+                self.note(f"heft: removed unsealed step {step} from {self.directory} ({why})")
+            for name in plan["tmp"]:
+                (self.directory / name).rmtree(missing_ok=True)
+                self.note(f"heft: removed the unfinished save of step {_TMP.match(name).group(1)} from {self.directory}")
             if newest is not None:
                 self._retain(newest)
-        self._barrier("checkpoints recovered")
+        hosts.barrier("checkpoints recovered")
 
     def _sealable(self, directory) -> bool:
         try:
@@ -277,7 +285,7 @@ class Checkpointer:
         """
         if self.config.checkpoint.verify:
             custody.verify(resume.directory, self.process_index, self.process_count,
-                           self.config.checkpoint.get("verify_key") or None, custody.gather_ints())
+                           self.config.checkpoint.get("verify_key") or None, hosts.gather_ints())
         try:
             restored = self.manager.restore(resume.step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
@@ -392,10 +400,7 @@ def save_params(directory: str, config, params: dict, tokenizer_path: str | None
         extra[TOKENIZER] = storage.path(tokenizer_path).read_bytes()
     all_facts = {"config": _config_dict(config), "code_version": manifest.code_version(), **facts}
     custody.seal(directory, all_facts, jax.process_index(), jax.process_count(), extra_files=extra)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("heft: params saved")
+    hosts.barrier("params saved")
 
 
 def _step_dirs(path) -> list:
@@ -458,7 +463,7 @@ def load_params(directory, mesh=None, verify: bool = True, config=None):
 
     directory = resolve(directory)
     if verify:
-        facts = custody.verify(directory, jax.process_index(), jax.process_count(), gather=custody.gather_ints())
+        facts = custody.verify(directory, jax.process_index(), jax.process_count(), gather=hosts.gather_ints())
     else:
         facts = manifest.read(directory)
     if config is None:

@@ -9,7 +9,8 @@ through collectives, so sealing can run in a background thread while the steps g
 
 A file's owner is the process that wrote it where orbax says so (`ocdbt.process_I/` holds process
 I's shards, which may still be in its page cache); any other file goes to a process chosen by a
-hash of its path. Restoring verifies with the same split, in parallel (`verify`).
+hash of its path. Restoring verifies in parallel too (`verify`), with the files split by bytes
+from the manifest, since the restoring processes need not be the ones that wrote.
 """
 
 import queue
@@ -96,6 +97,18 @@ def seal(directory, facts: dict, process_index: int, process_count: int, *, extr
     return result
 
 
+def balanced_shares(files: dict, process_count: int) -> dict[str, int]:
+    """{file: process} splitting the manifest's files by bytes, largest first to the least loaded
+    process: the same on every process (it depends on the manifest alone), whoever wrote the files."""
+    load = [0] * process_count
+    out = {}
+    for rel in sorted(files, key=lambda r: (-files[r]["bytes"], r)):
+        i = min(range(process_count), key=lambda p: (load[p], p))
+        out[rel] = i
+        load[i] += files[rel]["bytes"]
+    return out
+
+
 def verify(directory, process_index: int, process_count: int, verify_key: str | None = None,
            gather=None) -> dict:
     """Checks a checkpoint with each process reading only its share; every process raises the same
@@ -106,9 +119,10 @@ def verify(directory, process_index: int, process_count: int, verify_key: str | 
     """
     m = manifest.read(directory, verify_key)
     listed = sorted(m["files"])
+    shares = balanced_shares(m["files"], process_count)  # a restore may run on another process count
     problems = {}
     for i, rel in enumerate(listed):
-        if owner(rel, process_count) == process_index:
+        if shares[rel] == process_index:
             if problem := manifest.check_file(directory, rel, m["files"][rel]):
                 problems[i] = problem
                 break
@@ -189,14 +203,3 @@ class Custodian:
         self.queue.put(None)
         self.thread.join()
         self.raise_error()
-
-
-def gather_ints():
-    """An allgather of one integer per process over JAX's runtime (for `verify`)."""
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() == 1:
-        return lambda x: [x]
-    return lambda x: [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int64(x))).ravel()]

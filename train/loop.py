@@ -9,12 +9,11 @@ import time
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from heft.data import loader as data_loader
 from heft.data import processes as data_processes
 from heft.model import size
-from heft.train import checkpoint, checks, compiled, lock, metrics, peak, sharding, storage
+from heft.train import checkpoint, checks, compiled, hosts, lock, metrics, peak, sharding, storage
 
 
 class NonFiniteLoss(RuntimeError):
@@ -66,17 +65,6 @@ def fit_before_launch(config, mesh):
     return p.executable
 
 
-def _broadcast_text(text: str, size: int = 4096) -> str:
-    """Process 0's `text` on every process (truncated to `size` bytes)."""
-    if jax.process_count() == 1:
-        return text
-    buf = np.zeros(size, np.uint8)
-    raw = text.encode()[:size]
-    buf[: len(raw)] = np.frombuffer(raw, np.uint8)
-    out = np.asarray(multihost_utils.broadcast_one_to_all(buf))
-    return bytes(out[out != 0].tolist()).decode(errors="replace")
-
-
 def take_workdir(workdir, note=print):
     """Process 0 takes the workdir's lock; every process raises WorkdirInUse if it could not."""
     held, error = None, ""
@@ -88,7 +76,7 @@ def take_workdir(workdir, note=print):
                 note(f"heft: {warning}")
         except checkpoint.CheckpointError as e:
             held, error = None, str(e)
-    error = _broadcast_text(error)
+    error = hosts.broadcast_json(error)
     if error:
         raise lock.WorkdirInUse(error)
     return held

@@ -1,0 +1,41 @@
+"""What the processes of a run agree on, over JAX's own multi-host runtime (one process: no-ops).
+
+Each is a collective: every process must call it, in the same order.
+"""
+
+import json
+
+import jax
+import numpy as np
+
+
+def barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"heft: {name}")
+
+
+def broadcast_json(obj, size: int = 1 << 16):
+    """Process 0's `obj` (JSON-serialisable, at most `size` bytes encoded) on every process."""
+    if jax.process_count() == 1:
+        return obj
+    from jax.experimental import multihost_utils
+
+    buf = np.zeros(size, np.uint8)
+    if jax.process_index() == 0:
+        raw = json.dumps(obj).encode()
+        if len(raw) > size:
+            raise ValueError(f"broadcast_json: {len(raw)} bytes exceed {size}")
+        buf[: len(raw)] = np.frombuffer(raw, np.uint8)
+    out = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return json.loads(bytes(out[out != 0].tolist()).decode())
+
+
+def gather_ints():
+    """An allgather of one integer per process: `gather(x) -> [x of process 0, x of process 1, ...]`."""
+    if jax.process_count() == 1:
+        return lambda x: [x]
+    from jax.experimental import multihost_utils
+
+    return lambda x: [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int64(x))).ravel()]
