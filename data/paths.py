@@ -128,7 +128,10 @@ def write_bytes(target, data: bytes) -> None:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before it takes the name: a crash leaves old or new, never empty
     os.replace(tmp, target)
 
 

@@ -18,6 +18,7 @@ import time
 
 import tensorstore as ts
 
+from heft.data import paths as data_paths
 from heft.train import storage
 from heft.train.manifest import CheckpointError
 
@@ -33,13 +34,10 @@ class WorkdirInUse(CheckpointError):
 def kvstore(directory) -> ts.KvStore:
     """A tensorstore key-value store rooted at `directory` (a local path or gs://bucket/prefix)."""
     directory = str(storage.path(directory))
-    if directory.startswith("gs://"):
-        bucket, _, prefix = directory[len("gs://"):].partition("/")
-        spec = {"driver": "gcs", "bucket": bucket, "path": prefix.rstrip("/") + "/" if prefix else ""}
-    elif storage.is_remote(directory):
+    if storage.is_remote(directory) and not directory.startswith("gs://"):
         raise CheckpointError(f"{directory}: heft's workdir lock supports local paths and gs:// only")
-    else:
-        spec = {"driver": "file", "path": directory.rstrip("/") + "/"}
+    spec = data_paths.kvstore(directory)
+    spec["path"] = spec["path"].rstrip("/") + "/"
     return ts.KvStore.open(spec).result()
 
 

@@ -4,7 +4,8 @@ Every path heft's training side opens goes through `path()` (etils `epath`, whic
 gcsfs is its gs:// backend), so local folders and buckets share one code path. Two facts shape it:
 
 - gcsfs caches directory listings, which goes stale when another host writes the same bucket;
-  hosts coordinate through files here, so the cache is turned off for gs://.
+  hosts coordinate through files here, so the cache is turned off for gs:// (heft.data.paths,
+  which this module builds on: train/ reads what data/ wrote, never the other way).
 - GCS has no atomic rename. A small file written here is either whole or absent on both: locally it
   is written beside its place and renamed; on GCS one upload is one object, visible only once
   complete. What marks a larger thing complete is written last (see manifest.py).
@@ -14,12 +15,10 @@ import errno
 import json
 import os
 
-import fsspec
 from etils import epath
 
-# Listings must be fresh: another host may have written a file since this one last looked.
-fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
-fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+from heft.data import paths as data_paths
+from heft.data.paths import write_bytes  # noqa: F401  (one way to write a small file, for both stages)
 
 
 def is_remote(p) -> bool:
@@ -33,20 +32,6 @@ def path(p) -> epath.Path:
     return epath.Path(p) if is_remote(p) else epath.Path(os.path.abspath(os.path.expanduser(p)))
 
 
-def write_bytes(target, data: bytes) -> None:
-    """Writes a whole small file so that a reader sees the old content, or none, or all of the new."""
-    target = path(target)
-    if is_remote(target):
-        target.write_bytes(data)  # one object upload: visible only once complete
-        return
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-
-
 def write_json(target, obj) -> None:
     write_bytes(target, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
@@ -55,26 +40,13 @@ def read_json(target):
     return json.loads(path(target).read_text())
 
 
-def _bare(p) -> str:
-    """A path without its scheme: how gcsfs names the folders it walks (`bucket/a/b`)."""
-    p = str(p)
-    return p.split("://", 1)[1] if "://" in p else p
-
-
 def files_under(directory, skip=()) -> list[str]:
-    """Every file below `directory`, as sorted paths relative to it; subfolders named in `skip` are
-    left out whole (e.g. custody's scratch files)."""
+    """Every file below `directory` (one listing, even on GCS), as sorted paths relative to it;
+    hidden files (a write in progress) and subfolders named in `skip` (custody's scratch) are left out."""
     directory = path(directory)
-    base = _bare(directory).rstrip("/")
-    out = []
-    for root, dirs, names in directory.walk():
-        rel_root = os.path.relpath(_bare(root).rstrip("/"), base)
-        rel_root = "" if rel_root == "." else rel_root
-        if rel_root.split(os.sep)[0] in skip:
-            dirs[:] = []
-            continue
-        out += [os.path.join(rel_root, n) if rel_root else n for n in names]
-    return sorted(out)
+    base = str(directory).rstrip("/") + "/"
+    rels = (name[len(base):] for name in data_paths.files_under(directory))
+    return sorted(rel for rel in rels if rel.split("/")[0] not in skip)
 
 
 def no_space(e: BaseException) -> bool:
