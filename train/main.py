@@ -43,13 +43,13 @@ class _OrbaxErrorsRaisedAnyway(logging.Filter):
 
 def _quiet_closed_loops(default_hook):
     """When a save fails, orbax closes its event loop while tensorstore writes are still pending;
-    as each completes, tensorstore prints "Event loop is closed" through sys.excepthook. The failure
-    itself is reported by the training thread; these echoes are dropped."""
+    as each completes, tensorstore reports "Event loop is closed" as an unraisable exception. The
+    failure itself is reported by the training thread; these echoes are dropped."""
 
-    def hook(kind, value, tb):
-        if kind is RuntimeError and str(value) == "Event loop is closed":
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
             return
-        default_hook(kind, value, tb)
+        default_hook(unraisable)
 
     return hook
 
@@ -58,7 +58,7 @@ def main(argv):
     del argv
     f = flags.FLAGS
     absl_logging.get_absl_handler().addFilter(_OrbaxErrorsRaisedAnyway())
-    sys.excepthook = _quiet_closed_loops(sys.excepthook)
+    sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
     from heft.launch import distributed
 
     distributed.initialize(f.coordinator, f.num_processes, f.process_id)

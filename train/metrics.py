@@ -3,6 +3,7 @@
 import json
 import resource
 import sys
+import threading
 import time
 
 import jax
@@ -47,7 +48,13 @@ class Writer:
             self._append(json.dumps({"step": start_step, "resumed": True, "redone_steps": max(redone, 0)}))
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(storage.path(workdir) / "tensorboard"))
+        # tensorboardX writes from a thread through a bounded queue: if that thread dies (a full disk),
+        # every later add blocks forever. An unbounded queue never blocks, and `_check_tensorboard`
+        # turns the thread's death into the error it died of.
+        self.tb = SummaryWriter(str(storage.path(workdir) / "tensorboard"), max_queue=0)
+        self._tb_error = None
+        self._previous_hook = threading.excepthook
+        threading.excepthook = self._thread_failed
 
     def _append(self, line: str) -> None:
         if self.remote:
@@ -63,9 +70,24 @@ class Writer:
             storage.write_bytes(self.path, "".join(line + "\n" for line in self.lines).encode())
             self._flushed = time.monotonic()
 
+    def _worker(self):
+        return getattr(getattr(getattr(self.tb, "file_writer", None), "event_writer", None), "_worker", None)
+
+    def _thread_failed(self, args) -> None:
+        if args.thread is not None and args.thread is self._worker():
+            self._tb_error = args.exc_value  # raised in the training thread by the next write
+        else:
+            self._previous_hook(args)
+
+    def _check_tensorboard(self) -> None:
+        worker = self._worker()
+        if worker is not None and not worker.is_alive() and self._tb_error is not None:
+            raise self._tb_error
+
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
             return
+        self._check_tensorboard()
         self._append(json.dumps({"step": step, **metrics}))
         for name, value in metrics.items():
             if isinstance(value, (int, float)):
@@ -73,10 +95,13 @@ class Writer:
 
     def close(self) -> None:
         if self.active:
-            self.flush()
-            if self.jsonl is not None:
-                self.jsonl.close()
-            self.tb.close()
+            threading.excepthook = self._previous_hook
+            try:
+                self.flush()
+                if self.jsonl is not None:
+                    self.jsonl.close()
+            finally:
+                self.tb.close()
 
 
 def _step_of(line: str) -> int:
