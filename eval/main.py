@@ -6,6 +6,7 @@ The held-out split is the data config's (the embedded corpus's last documents by
 
 import json
 import math
+import sys
 
 from absl import flags
 
@@ -86,7 +87,7 @@ def main(argv):
     del argv
     f = flags.FLAGS
     check_flags(f)  # before the imports that take seconds
-    from heft.data import prepare as data_prepare
+    from heft.data import processes as data_processes
     from heft.train import checkpoint, sharding
 
     directory = checkpoint.resolve(f.checkpoint)
@@ -103,7 +104,7 @@ def main(argv):
                                                             config=config)
     # The checkpoint's own tokenizer decides the ids; without one (a checkpoint saved outside
     # heft train), the data config's tokenizer is rebuilt as training built it.
-    prepared = data_prepare.prepare(config, tokenizer_path=tokenizer_path)
+    prepared = data_processes.prepare_for_processes(config, tokenizer_path=tokenizer_path, progress=sys.stderr.isatty())
     result = evaluate(config, params, mesh, prepared, f.batches)
     if f.json:
         print(json.dumps(result))
