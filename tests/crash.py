@@ -12,6 +12,7 @@ from a sealed step no more than one interval older, and every sealed step must v
 import argparse
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -136,7 +137,8 @@ def table(records: list[dict]) -> str:
     rows = ["| trial | killed after (s) | newest committed | newest sealed at the kill | resumed from | restart did |",
             "| ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in records:
-        did = "; ".join(n.split(" in ")[0].removeprefix("heft: ") for n in r.get("recovery", [])) or "nothing"
+        did = "; ".join(re.sub(r" (in|from) \S*checkpoints", "", n).removeprefix("heft: ").split(":")[0]
+                        for n in r.get("recovery", [])) or "nothing"
         rows.append(f"| {r['trial']} | {r['killed_after_s']} | {r['newest_committed']} | {r['newest_sealed']} | "
                     f"{r.get('resumed')} | {did} |")
     return "\n".join(rows)
