@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from heft.configs import base
-from heft.model import size
+from heft.train import size
 from heft.train import compiled, peak, sharding
 
 

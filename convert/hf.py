@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 from heft.convert import gpt2, llama, paths, safetensors_io, tokenizer
 from heft.convert.errors import ConvertError
 from heft.model.checks import check_model
-from heft.model.decoder import Decoder
+from heft.model.decoder import abstract
 
 FAMILIES = {family.MODEL_TYPE: family for family in (llama, gpt2)}
 
@@ -79,7 +79,7 @@ def heft_config(hf_dir: str, config_overrides: dict | None = None):
 
 def abstract_params(m) -> nnx.State:
     """The model's parameters as an nnx.State of ShapeDtypeStructs (carrying logical axis names)."""
-    return nnx.state(nnx.eval_shape(lambda: Decoder(m, nnx.Rngs(0))), nnx.Param)
+    return nnx.filter_state(abstract(m)[1], nnx.Param)
 
 
 def _flat(state) -> dict:

@@ -1,6 +1,4 @@
-"""`heft prepare`: train the tokenizer and write the corpus's tokens, once per unchanged input.
-
-    heft prepare --config=configs/tiny.py [--config.data.corpus=DIR_OR_GLOB] [--config.data.cache_dir=DIR]
+"""Train the tokenizer and write the corpus's tokens, once per unchanged input (`heft prepare`).
 
 `prepare(config)` makes sure they exist: when the corpus files, the tokenizer settings and the
 held-out fraction are unchanged it only lists the files and returns the cached result (a file's
@@ -29,21 +27,12 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 
-from absl import app, flags
-
 from heft.data import corpus, paths, store, tokenizer
 from heft.data.errors import DataError
 
 FORMAT = store.FORMAT  # part of every cache key: a new store format never meets an old cache
 KEEP_BYTES = 256 << 20  # a corpus up to this size is read once and held in memory while preparing
 DOCUMENT_STARTS = ("eos", "bos")
-
-
-def define_flags() -> None:
-    """--config=configs/NAME.py (default tiny) with --config.FIELD=VALUE overrides; `heft` calls this."""
-    from heft.launch.flags import define_config
-
-    define_config()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,12 +296,3 @@ def summary(p: Prepared, seconds: float) -> str:
         f"({m['text_bytes'] / max(1, m['text_tokens']):.2f} bytes/token) in {seconds:.2f} s\n"
         f"  tokens:    {p.store_path}\n  tokenizer: {p.tokenizer_path}"
     )
-
-
-def main(argv: list[str]) -> None:
-    """The `heft prepare` verb. A DataError propagates: `heft` prints it as one line."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    start = time.perf_counter()
-    p = prepare(flags.FLAGS.config)
-    print(summary(p, time.perf_counter() - start))

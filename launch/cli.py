@@ -1,7 +1,8 @@
 """The `heft` command: one verb per stage in the life of the weights.
 
-Each verb is a module with `define_flags()` and a `main(argv)` that absl runs; only the chosen
-verb's module is imported and only its flags are defined, so importing a module has no side effects.
+Each verb is a module in launch/verbs/ with `define_flags()` and a thin `main(argv)` that absl runs
+over the stages' functions; only the chosen verb's module is imported and only its flags are
+defined. The stages (model, data, train, eval, convert) never import launch/: it is the top floor.
 """
 
 import glob
@@ -10,15 +11,15 @@ import os
 import sys
 
 VERBS = {
-    "size": ("heft.model.size", "count parameters, bytes, training memory and FLOPs of a config"),
-    "prepare": ("heft.data.prepare", "train the tokenizer and write the corpus's tokens"),
-    "train": ("heft.train.main", "train a model on a device mesh"),
-    "eval": ("heft.eval.main", "held-out loss, perplexity and bits per byte of a checkpoint"),
-    "generate": ("heft.eval.generate", "sample text from a checkpoint"),
-    "verify": ("heft.train.verify", "check a checkpoint's manifest against its files"),
-    "export": ("heft.train.export", "write a parameters-only checkpoint for serving"),
-    "plan": ("heft.launch.plan", "compile the train step for a TPU topology and predict fit and speed"),
-    "convert": ("heft.convert.main", "import or export Hugging Face weights"),
+    "size": ("heft.launch.verbs.size", "count parameters, bytes, training memory and FLOPs of a config"),
+    "prepare": ("heft.launch.verbs.prepare", "train the tokenizer and write the corpus's tokens"),
+    "train": ("heft.launch.verbs.train", "train a model on a device mesh"),
+    "eval": ("heft.launch.verbs.eval", "held-out loss, perplexity and bits per byte of a checkpoint"),
+    "generate": ("heft.launch.verbs.generate", "sample text from a checkpoint"),
+    "verify": ("heft.launch.verbs.verify", "check a checkpoint's seal and files against its manifest"),
+    "export": ("heft.launch.verbs.export", "write a parameters-only checkpoint for serving"),
+    "plan": ("heft.launch.verbs.plan", "compile the train step for a TPU topology and predict fit and speed"),
+    "convert": ("heft.launch.verbs.convert", "import or export Hugging Face weights"),
 }
 
 

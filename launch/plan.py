@@ -9,25 +9,22 @@ prediction is a ceiling on speed, not a forecast. MFU counts model FLOPs (`heft 
 attention), not XLA's, which include what remat recomputes.
 
     heft plan --config=configs/llama2_70b.py --topology=v5p:4x8x8 [--json]
-    heft plan --config=configs/llama2_70b.py --topology=v5p:4x8x8 --search
+    heft plan --config=configs/llama2_70b.py --topology=v5p:4x8x8 --search   (launch/verbs/plan.py)
 """
 
 import dataclasses
 import functools
-import json
 import math
 import re
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
-from heft.launch import chips, costs, topology
-from heft.model import size
+from heft.launch import costs, topology
 from heft.model.checks import ConfigError
-from heft.train import checks, compiled, sharding
+from heft.train import checks, chips, compiled, sharding, size
 
 
 @dataclasses.dataclass
@@ -187,7 +184,7 @@ def fit_check(config, mesh, topology_name: str | None = None) -> Plan:
     chip = chips.by_kind(device.device_kind)
     if chip is None:
         raise ConfigError(f"no chip table entry for device kind {device.device_kind!r}; known: "
-                          f"{', '.join(c.device_kind for c in chips.CHIPS.values())} (heft/launch/chips.py)")
+                          f"{', '.join(c.device_kind for c in chips.CHIPS.values())} (heft/train/chips.py)")
     checks.check(config, mesh)  # the loop's own checks: a plan stops where the run would
     n = mesh.devices.size
     start = time.perf_counter()
@@ -284,38 +281,19 @@ def table(p: Plan) -> str:
     return "\n".join(rows)
 
 
-def define_flags():
-    from absl import flags
-
-    from heft.launch.flags import define_config
-
-    define_config()
-    flags.DEFINE_string("topology", None, "TPU slice as libtpu names it: v4:AxBxC, v5p:AxBxC, v5e:AxB, v6e:AxB "
-                        "(chips per axis; v5p:4x8x8 is the 256-chip v5p-512)")
-    flags.DEFINE_bool("search", False, "try mesh layouts, remat policies and micro-batch counts; rank those that fit")
-    flags.DEFINE_integer("budget", 16, "with --search: most compiles to spend (70B: ~2 min each on 2 CPU cores)")
-    flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
-
-
-def main(argv):
-    from absl import flags
-
-    del argv
-    # Planning compiles for abstract devices and never runs on a chip: keep JAX's own backend on
-    # the CPU, so a plan on a TPU VM does not claim (or wait for) the chips a run is using.
-    jax.config.update("jax_platforms", "cpu")
-    f = flags.FLAGS
-    if not f.topology:
-        raise ConfigError("--topology is required: the TPU slice to plan for, e.g. --topology=v5p:4x8x8")
-    topology.parse(f.topology)  # name errors before the slow parts
-    if not topology.libtpu_available():
-        raise ConfigError(topology.INSTALL)
-    if f.search:
-        from heft.launch import search
-
-        result = search.search(f.config, f.topology, budget=f.budget,
-                               progress=lambda s: print(s, file=sys.stderr, flush=True))
-        print(json.dumps(result.to_json()) if f.json else search.table(result))
-        return
-    p = plan(f.config, f.topology)
-    print(json.dumps(p.to_json()) if f.json else table(p))
+def fit_for_training(config, mesh, note=print):
+    """What `heft train` runs before training on a TPU: the real step compiled and measured. Stops
+    with the plan's table if it does not fit in HBM; returns the compiled step (the one the loop then
+    runs: one compile, not two), or None off TPUs or on a chip the table does not know (with a note).
+    """
+    device = jax.devices()[0]
+    if device.platform != "tpu":
+        return None
+    if chips.by_kind(device.device_kind) is None:
+        note(f"heft: no chip table entry for TPU device kind {device.device_kind!r}: training without the "
+             "memory fit check")
+        return None
+    p = fit_check(config, mesh)
+    if not p.fits:
+        raise ConfigError("this run does not fit in TPU memory:\n" + table(p))
+    return p.executable

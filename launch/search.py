@@ -18,7 +18,7 @@ import math
 from heft.launch import plan as planning
 from heft.launch import topology
 from heft.model.checks import ConfigError
-from heft.train import sharding
+from heft.train import checks, sharding
 
 REMATS = ("none", "save_matmuls", "full")
 TENSOR = (1, 2, 4, 8)  # tensor parallelism beyond 8 rarely pays: its collectives sit on every matmul
@@ -57,7 +57,8 @@ def layouts(config, chips: int) -> list[tuple[int, int, int]]:
             continue
         for fsdp in _divisors(chips // tensor):
             data = chips // tensor // fsdp
-            if m.width % fsdp == 0 and config.train.batch_size % (data * fsdp) == 0:
+            sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+            if m.width % fsdp == 0 and config.train.batch_size % checks.batch_devices(config, sizes) == 0:
                 out.append((data, fsdp, tensor))
     return out
 

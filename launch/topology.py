@@ -11,7 +11,7 @@ import math
 import os
 import re
 
-from heft.launch.chips import CHIPS, Chip
+from heft.train.chips import CHIPS, Chip
 from heft.model.checks import ConfigError
 
 INSTALL = "heft plan needs libtpu: pip install -e '.[tpu]'"

@@ -114,8 +114,17 @@ def init_cache(m, batch: int, cache_len: int, dtype=jnp.float32):
 
 
 def abstract(m):
-    """(graphdef, abstract state) of the model for config `m`: shapes only, nothing allocated."""
+    """(graphdef, abstract state) of the model for config `m`: shapes only, nothing allocated.
+
+    The one place the abstract model is built; every shape question (sizes, shardings, restores,
+    conversion) starts here.
+    """
     return nnx.split(nnx.eval_shape(lambda: Decoder(m, nnx.Rngs(0))))
+
+
+def abstract_params(m) -> dict:
+    """The parameters as a nested dict of ShapeDtypeStructs: `init_params`' form, nothing allocated."""
+    return nnx.to_pure_dict(nnx.filter_state(abstract(m)[1], nnx.Param))
 
 
 def init_params(m, seed: int) -> dict:

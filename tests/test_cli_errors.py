@@ -65,7 +65,7 @@ def test_eval_batch_that_does_not_split_over_the_mesh_is_one_line_with_libtpu_in
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
     r = heft(["eval", f"--checkpoint={tmp_path / 'ckpt'}", "--batch_size=3"], tmp_path, env)
-    assert_one_line(r, "eval", "--batch_size=3 does not split over the 8 devices")
+    assert_one_line(r, "eval", "--batch_size=3 is not divisible by the 8 devices")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from heft.convert.main import run_export
+from heft.convert.checkpoints import run_export
 from test_convert import _hf_greedy, _hf_logits, _llama_hf_config, _save_hf, _tokens, sentencepiece_model  # noqa: F401
 
 torch = pytest.importorskip("torch")

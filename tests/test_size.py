@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from heft.configs import gpt2_124m, llama2_7b, llama2_70b, llama3_8b, tiny
-from heft.model import size
+from heft.train import size
 
 PUBLISHED = [
     (gpt2_124m, 124_439_808),

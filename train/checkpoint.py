@@ -403,6 +403,16 @@ def save_params(directory: str, config, params: dict, tokenizer_path: str | None
     hosts.barrier("params saved")
 
 
+def export_params(source, out) -> str:
+    """A parameters-only checkpoint at `out` from a training checkpoint or workdir; returns the source step."""
+    source = resolve(source)
+    config, params, tokenizer = load_params(source)
+    facts = manifest.read(source)
+    save_params(out, config, params, tokenizer, step=facts.get("step"), tokens_seen=facts.get("tokens_seen"),
+                exported_from=str(source))
+    return str(source)
+
+
 def _step_dirs(path) -> list:
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     return [root / d for d in sorted((p.name for p in root.iterdir() if p.name.isdigit()), key=int)]
@@ -458,7 +468,7 @@ def load_params(directory, mesh=None, verify: bool = True, config=None):
     """(config, params, tokenizer path or None) from any checkpoint, placed on `mesh` if given
     (default: `serving_mesh`). `config` replaces the checkpoint's own (e.g. with another mesh or
     batch size); its model fields must match."""
-    from heft.model.decoder import init_params
+    from heft.model.decoder import abstract_params
     from heft.train import sharding
 
     directory = resolve(directory)
@@ -470,8 +480,8 @@ def load_params(directory, mesh=None, verify: bool = True, config=None):
         config = config_from_json(json.dumps(facts["config"]))
     mesh = mesh if mesh is not None else serving_mesh(config)
     shardings = sharding.param_dict_shardings(config.model, mesh, config)
-    shapes = jax.eval_shape(lambda: init_params(config.model, 0))
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            abstract_params(config.model), shardings)
     if (directory / "params").is_dir():
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(directory / "params", abstract)

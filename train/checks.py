@@ -124,13 +124,24 @@ def check_config(config) -> None:
     check_keys(config)
 
 
-def batch_devices(config, mesh) -> int:
-    """How many devices split the batch: those of the mesh axes the rules give the `batch` axis."""
+def batch_devices(config, axis_sizes) -> int:
+    """How many devices split the batch: the product of the mesh axes the rules give the `batch` axis.
+
+    `axis_sizes`: {"data": .., "fsdp": .., "tensor": ..} (a mesh's `shape`, or a layout being considered).
+    """
     from heft.train import sharding
 
     axes = sharding.spec(("batch",), config)[0]
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(axis_sizes[a] for a in axes)
+
+
+def check_batch(config, axis_sizes, batch_size: int, name: str = "train.batch_size") -> None:
+    """The one batch-divisibility check: `batch_size` sequences split evenly over the batch's devices."""
+    n = batch_devices(config, axis_sizes)
+    if batch_size % n:
+        raise ConfigError(f"{name}={batch_size} is not divisible by the {n} devices that split the batch on mesh "
+                          f"{dict(axis_sizes)}; pick a batch size that is a multiple of {n}")
 
 
 def check(config, mesh) -> None:
@@ -139,10 +150,8 @@ def check(config, mesh) -> None:
 
     check_config(config)
     t = config.train
-    n = batch_devices(config, mesh)
-    if t.batch_size % n:
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {n} devices that split the batch "
-                          f"on mesh {dict(mesh.shape)}; pick a batch size that is a multiple of {n}")
+    check_batch(config, mesh.shape, t.batch_size)
+    n = batch_devices(config, mesh.shape)
     micro = t.batch_size // t.micro_batches
     if micro % n:
         raise ConfigError(f"train.batch_size={t.batch_size} in train.micro_batches={t.micro_batches} gives "

@@ -12,7 +12,7 @@ import numpy as np
 
 from heft.data import loader as data_loader
 from heft.data import processes as data_processes
-from heft.model import size
+from heft.train import size
 from heft.train import checkpoint, checks, compiled, hosts, lock, metrics, peak, sharding, storage
 
 
@@ -47,24 +47,6 @@ def heldout_loss(config, mesh, eval_fn, params, prepared) -> float:
     return total / max(count, 1.0)
 
 
-def fit_before_launch(config, mesh):
-    """On a TPU, compile the step first and stop with the plan's numbers if it cannot fit in HBM.
-
-    Returns the compiled step (the loop runs it: one compile, not two), or None on a chip the plan's
-    table does not know (then training goes on without the check, with a warning).
-    """
-    from heft.launch import chips, plan
-
-    kind = jax.devices()[0].device_kind
-    if chips.by_kind(kind) is None:
-        _note(f"heft: no chip table entry for TPU device kind {kind!r}: training without the memory fit check")
-        return None
-    p = plan.fit_check(config, mesh)
-    if not p.fits:
-        raise checks.ConfigError("this run does not fit in TPU memory:\n" + plan.table(p))
-    return p.executable
-
-
 def take_workdir(workdir, note=print):
     """Process 0 takes the workdir's lock; every process raises WorkdirInUse if it could not."""
     held, error = None, ""
@@ -82,19 +64,22 @@ def take_workdir(workdir, note=print):
     return held
 
 
-def train(config, workdir: str, stop_requested=lambda step: False) -> dict:
+def train(config, workdir: str, stop_requested=lambda step: False, compile_checked=None) -> dict:
     """Trains `config` in `workdir` (resuming from its newest sealed checkpoint); returns a summary dict.
 
     `stop_requested(step)` is asked after every step; True saves a checkpoint there and returns
     {"stopped_at": step} (a preemption signal, or a planned stop). A workdir whose newest checkpoint
     is already at `train.steps` returns {"already_done": step}. One run at a time holds the workdir.
+    `compile_checked(config, mesh)`, if given, compiles the step and checks it fits the devices
+    before any state is made (`heft train` passes the TPU plan's fit check); it returns the compiled
+    step, which the loop then runs, or None to let the loop compile it.
     """
     mesh = sharding.make_mesh(config)
     checks.check(config, mesh)
     compiled.use_compilation_cache(config)
     held = take_workdir(workdir)
     try:
-        return _train(config, workdir, mesh, stop_requested, held)
+        return _train(config, workdir, mesh, stop_requested, held, compile_checked)
     finally:
         if held is not None:
             held.release()
@@ -105,7 +90,7 @@ def _note(text: str) -> None:
         print(text, flush=True)
 
 
-def _train(config, workdir, mesh, stop_requested, held) -> dict:
+def _train(config, workdir, mesh, stop_requested, held, compile_checked) -> dict:
     t = config.train
     ckpt = checkpoint.Checkpointer(workdir, config, note=_note)
     resume = ckpt.latest()
@@ -124,9 +109,7 @@ def _train(config, workdir, mesh, stop_requested, held) -> dict:
     ckpt.prepared = prepared
 
     abstract = compiled.abstract_state(config, mesh)
-    step_fn = None
-    if jax.devices()[0].platform == "tpu":
-        step_fn = fit_before_launch(config, mesh)
+    step_fn = compile_checked(config, mesh) if compile_checked is not None else None
     loader_state = None
     if resume is None:
         state = compiled.init_state(config, mesh)

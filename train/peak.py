@@ -1,7 +1,7 @@
 """MFU's denominator: the peak FLOP/s of the devices a run uses.
 
 `train.peak_flops` (per device) wins when set. On TPUs and GPUs the peak comes from the chip table
-by `device_kind` (launch/chips.py, the vendors' spec numbers): a timed matmul there measures
+by `device_kind` (train/chips.py, the vendors' spec numbers): a timed matmul there measures
 dispatch more than the chip (a 2048² bf16 matmul takes microseconds). A device kind the table does
 not know gets a warning and a measured peak from a large bf16 matmul. On CPU the peak is measured,
 since CPUs differ between machines far more than their names say.
@@ -29,12 +29,12 @@ def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> 
 
 def device_peak(device, warn=print) -> float:
     """Peak FLOP/s of one accelerator from the chip table, or measured if its kind is unknown."""
-    from heft.launch import chips
+    from heft.train import chips
 
     chip = chips.by_kind(device.device_kind)
     if chip is not None:
         return chip.peak_flops
-    warn(f"heft: no chip table entry for device kind {device.device_kind!r} (launch/chips.py): MFU is against a "
+    warn(f"heft: no chip table entry for device kind {device.device_kind!r} (train/chips.py): MFU is against a "
          "measured bf16 matmul; set train.peak_flops to the spec peak for a comparable figure")
     return measure_matmul_flops(n=8192, repeats=3, dtype=jnp.bfloat16)
 

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from heft.model.checks import ConfigError
-from heft.model.decoder import Decoder, abstract, init_params
+from heft.model.decoder import Decoder, abstract, abstract_params
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -113,9 +113,8 @@ def state_shardings(config, mesh: Mesh) -> dict:
 
     params = param_dict_shardings(config.model, mesh, config)
     tx = optimizer.make(config.train)
-    abstract_params = jax.eval_shape(lambda: init_params(config.model, 0))
     opt = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, abstract_params), params,
+        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, abstract_params(config.model)), params,
         transform_non_params=lambda _: replicated(mesh),
     )
     return {"step": replicated(mesh), "params": params, "opt_state": opt}
@@ -123,17 +122,6 @@ def state_shardings(config, mesh: Mesh) -> dict:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def check_batch(config, mesh: Mesh, batch_size: int) -> None:
-    """The global batch must split evenly over the mesh axes that hold `batch`."""
-    axes = spec(("batch",), config)[0]
-    n = _axis_size(mesh, axes)
-    if batch_size % n:
-        raise ConfigError(
-            f"train.batch_size={batch_size} is not divisible by the {n} devices of mesh axes {axes} "
-            f"that split the batch; pick a batch size that is a multiple of {n}"
-        )
 
 
 def batch_sharding(config, mesh: Mesh) -> NamedSharding:
@@ -144,8 +132,7 @@ def batch_sharding(config, mesh: Mesh) -> NamedSharding:
 def create_model(config, mesh: Mesh, seed: int | None = None) -> Decoder:
     """Initializes the model directly into its shards: no device ever holds the whole of it."""
     seed = config.train.seed if seed is None else seed
-    abstract = nnx.eval_shape(lambda: Decoder(config.model, nnx.Rngs(seed)))
-    graphdef, abstract_state = nnx.split(abstract)
+    graphdef, abstract_state = abstract(config.model)
     shardings = param_shardings(abstract_state, mesh, config)
 
     @jax.jit

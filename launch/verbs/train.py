@@ -64,11 +64,12 @@ def main(argv):
     distributed.initialize(f.coordinator, f.num_processes, f.process_id)
     import jax
 
+    from heft.launch import plan
     from heft.train import loop, preemption
 
     stop = preemption.StopSignal(f.stop_after)
     try:
-        result = loop.train(f.config, f.workdir, stop_requested=stop)
+        result = loop.train(f.config, f.workdir, stop_requested=stop, compile_checked=plan.fit_for_training)
     except loop.NonFiniteLoss as e:
         raise SystemExit(f"heft train: {e}") from None
     if jax.process_index() == 0:

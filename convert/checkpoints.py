@@ -10,21 +10,8 @@ so `heft eval` and `heft generate` read it directly.
 
 import contextlib
 
-from absl import flags
-
 from heft.convert import paths
 from heft.convert.errors import ConvertError
-
-
-def define_flags():
-    flags.DEFINE_string("from_hf", None, "a Hugging Face model folder (config.json + safetensors) to import")
-    flags.DEFINE_string("to_hf", None, "a heft checkpoint (workdir, step or parameters-only) to export")
-    flags.DEFINE_string("out", None, "a new directory: the heft checkpoint, or the Hugging Face folder")
-    flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
-                      "import: the dtype heft keeps parameters in (bfloat16 weights widen to float32 exactly)")
-    flags.DEFINE_enum("dtype", "param", ["param", "float32", "bfloat16"],
-                      "export: dtype of the written tensors; param keeps model.param_dtype")
-    flags.DEFINE_integer("max_shard_mb", 2048, "export: the largest safetensors file, in MiB")
 
 
 def run_import(hf_dir: str, out: str, param_dtype: str = "float32"):
@@ -57,16 +44,3 @@ def run_export(checkpoint_dir: str, out: str, dtype: str | None = None, max_shar
 
     config, params, tokenizer = checkpoint.load_params(checkpoint_dir)
     return hf.export_hf(config, params, out, max_shard_bytes, dtype, tokenizer)
-
-
-def main(argv):
-    del argv
-    f = flags.FLAGS
-    if bool(f.from_hf) == bool(f.to_hf) or not f.out:
-        raise ConvertError("pass --from_hf=HF_DIR or --to_hf=CHECKPOINT (one of the two) and --out=NEW_DIR")
-    if f.from_hf:
-        config = run_import(f.from_hf, f.out, f.param_dtype)
-        print(f"heft convert: wrote {config.name} checkpoint {f.out} from {f.from_hf}")
-    else:
-        files = run_export(f.to_hf, f.out, None if f.dtype == "param" else f.dtype, f.max_shard_mb * 1024**2)
-        print(f"heft convert: wrote {len(files)} files to {f.out} ({', '.join(files)})")

@@ -1,28 +1,24 @@
-"""`heft size`: what a config costs, from the abstract model (nothing is allocated).
+"""What a config costs (`heft size`), from the abstract model: nothing is allocated.
 
 Parameters per component, bytes in each storage dtype, training memory (params, grads, the
 optimizer's state and an activation estimate) and training FLOPs per token.
 """
 
-import json
 import math
 
-import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import traverse_util
 
-from heft.model import checks
-from heft.model.decoder import Decoder
+from heft.model import checks, decoder
+from heft.train.optimizer import state_bytes_per_param
 
 BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
 
 
-def abstract_params(m):
-    """The model's parameters as ShapeDtypeStructs, keyed by path: allocates nothing."""
-    model = nnx.eval_shape(lambda: Decoder(m, nnx.Rngs(0)))
-    state = nnx.state(model, nnx.Param)
-    flat = nnx.to_flat_state(state)
-    return {".".join(map(str, path)): var.get_value() for path, var in flat}
+def abstract_params(m) -> dict:
+    """The model's parameters as ShapeDtypeStructs, keyed by dotted path: allocates nothing."""
+    flat = traverse_util.flatten_dict(decoder.abstract_params(m))
+    return {".".join(map(str, path)): x for path, x in flat.items()}
 
 
 def _component(path: str) -> str:
@@ -70,9 +66,7 @@ def report(config, batch: int | None = None, seq_len: int | None = None) -> dict
     # forward and two backward; attention's scores and mixing add 12 * L * T * d per token.
     matmul_params = total - embedding + m.vocab * m.width * m.tied_embeddings
     attn = 12 * m.depth * seq_len * m.heads * checks.head_dim(m)
-    # Training memory is the optimizer's business: one place says what its state costs.
-    from heft.train.optimizer import state_bytes_per_param
-
+    # What the optimizer's state costs is said in one place, next to the optimizer.
     pbytes = jnp.dtype(m.param_dtype).itemsize
     train_bytes = {
         "params": total * pbytes,
@@ -122,23 +116,3 @@ def table(r: dict) -> str:
     rows.append(f"training FLOPs    {_human(r['flops_per_token'], 'FLOP')} per token, "
                 f"{_human(r['flops_per_step'], 'FLOP')} per step")
     return "\n".join(rows)
-
-
-def define_flags():
-    from absl import flags
-
-    from heft.launch.flags import define_config
-
-    define_config()
-    flags.DEFINE_integer("batch", None, "global batch in sequences (default: train.batch_size)")
-    flags.DEFINE_integer("seq_len", None, "sequence length (default: train.seq_len)")
-    flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
-
-
-def main(argv):
-    from absl import flags
-
-    del argv
-    f = flags.FLAGS
-    r = report(f.config, f.batch, f.seq_len)
-    print(json.dumps(r) if f.json else table(r))

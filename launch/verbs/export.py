@@ -20,9 +20,5 @@ def main(argv):
 
     if not f.checkpoint or not f.out:
         raise CheckpointError("heft export needs --checkpoint=DIR and --out=NEW_DIR")
-    source = checkpoint.resolve(f.checkpoint)
-    config, params, tokenizer = checkpoint.load_params(source)
-    facts = checkpoint.manifest.read(source)
-    checkpoint.save_params(f.out, config, params, tokenizer, step=facts.get("step"),
-                           tokens_seen=facts.get("tokens_seen"), exported_from=source)
+    source = checkpoint.export_params(f.checkpoint, f.out)
     print(f"wrote parameters-only checkpoint {f.out} from {source}")

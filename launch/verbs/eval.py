@@ -1,0 +1,63 @@
+"""`heft eval --checkpoint=DIR [--mesh=1,2,2] [--corpus=...] [--json]`: held-out loss, perplexity and bits
+per byte of any checkpoint, on any mesh (eval/heldout.py)."""
+
+import json
+import sys
+
+from absl import flags
+
+from heft.eval.heldout import evaluate, parse_mesh
+from heft.model.checks import ConfigError
+from heft.train.manifest import CheckpointError
+
+
+def define_flags():
+    flags.DEFINE_string("checkpoint", None, "a checkpoint, a workdir (its newest one) or a params-only dir")
+    flags.DEFINE_string("corpus", None, "evaluate this corpus's held-out split instead (.txt/.jsonl/.parquet)")
+    flags.DEFINE_integer("batches", 0, "held-out batches to evaluate; 0 means the whole split")
+    flags.DEFINE_integer("batch_size", 0, "global batch in sequences (default: the checkpoint's)")
+    flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes, e.g. 1,2,4 (default: fsdp over all devices)")
+    flags.DEFINE_bool("skip_verify", False, "restore without checking the manifest's hashes")
+    flags.DEFINE_bool("json", False, "print one JSON object")
+
+
+def check_flags(f) -> None:
+    """The flags' own mistakes, before the checkpoint is even opened."""
+    if not f.checkpoint:
+        raise CheckpointError("heft eval needs --checkpoint=DIR (a workdir, a step directory or a params-only dir)")
+    if f.batches < 0 or f.batch_size < 0:
+        raise ConfigError(f"--batches={f.batches} and --batch_size={f.batch_size} cannot be negative "
+                          "(0 means the whole split and the checkpoint's batch size)")
+    if f.mesh:
+        parse_mesh(f.mesh)
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    check_flags(f)  # before the imports that take seconds
+    from heft.data import processes as data_processes
+    from heft.train import checkpoint, checks, sharding
+
+    directory = checkpoint.resolve(f.checkpoint)
+    config = checkpoint.read_config(directory)
+    if f.mesh:
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = parse_mesh(f.mesh)
+    if f.batch_size:
+        config.train.batch_size = f.batch_size
+    if f.corpus:
+        config.data.corpus = f.corpus
+    mesh = sharding.make_mesh(config) if f.mesh else checkpoint.serving_mesh(config)
+    checks.check_batch(config, mesh.shape, config.train.batch_size, "--batch_size")  # before the slow load
+    config, params, tokenizer_path = checkpoint.load_params(directory, mesh=mesh, verify=not f.skip_verify,
+                                                            config=config)
+    # The checkpoint's own tokenizer decides the ids; without one (a checkpoint saved outside
+    # heft train), the data config's tokenizer is rebuilt as training built it.
+    prepared = data_processes.prepare_for_processes(config, tokenizer_path=tokenizer_path, progress=sys.stderr.isatty())
+    result = evaluate(config, params, mesh, prepared, f.batches)
+    if f.json:
+        print(json.dumps(result))
+    else:
+        print(f"held-out loss {result['eval_loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
+              f"{result['bits_per_byte']:.4f} bits/byte over {result['tokens']:,} tokens "
+              f"({result['bytes']:,} bytes) on mesh {dict(mesh.shape)}")

@@ -1,0 +1,24 @@
+"""`heft size --config=configs/NAME.py [--batch N] [--seq_len N] [--json]`: what a config costs, from the
+abstract model (model/size.py); nothing is allocated."""
+
+import json
+
+from absl import flags
+
+from heft.train import size
+
+
+def define_flags():
+    from heft.launch.flags import define_config
+
+    define_config()
+    flags.DEFINE_integer("batch", None, "global batch in sequences (default: train.batch_size)")
+    flags.DEFINE_integer("seq_len", None, "sequence length (default: train.seq_len)")
+    flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    r = size.report(f.config, f.batch, f.seq_len)
+    print(json.dumps(r) if f.json else size.table(r))
