@@ -8,6 +8,7 @@ defined. The stages (model, data, train, eval, convert) never import launch/: it
 import glob
 import importlib
 import os
+import signal
 import sys
 
 VERBS = {
@@ -30,6 +31,8 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # `heft ... | head` ends quietly when the reader stops, as command-line tools do.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(usage())
