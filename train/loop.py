@@ -12,8 +12,7 @@ import numpy as np
 
 from heft.data import loader as data_loader
 from heft.data import processes as data_processes
-from heft.train import size
-from heft.train import checkpoint, checks, compiled, hosts, lock, metrics, peak, sharding, storage
+from heft.train import checkpoint, checks, compiled, hosts, lock, metrics, peak, sharding, size, storage
 
 
 class NonFiniteLoss(RuntimeError):
