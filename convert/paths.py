@@ -48,19 +48,26 @@ def copy(src, dst) -> None:
 
 
 @contextlib.contextmanager
+def _temporary(name: str):
+    """A fresh local file name ending in `name`, deleted when the block ends."""
+    fd, tmp = tempfile.mkstemp(prefix="heft-convert-", suffix="-" + name)
+    os.close(fd)
+    try:
+        yield tmp
+    finally:
+        os.remove(tmp)
+
+
+@contextlib.contextmanager
 def local_copy(p):
     """A local file name holding `p`'s bytes: `p` itself when it is local, else a temporary copy
     that is deleted when the block ends."""
     if is_local(p):
         yield os.fspath(p)
         return
-    fd, tmp = tempfile.mkstemp(prefix="heft-convert-", suffix="-" + path(p).name)
-    os.close(fd)
-    try:
+    with _temporary(path(p).name) as tmp:
         copy(p, tmp)
         yield tmp
-    finally:
-        os.remove(tmp)
 
 
 @contextlib.contextmanager
@@ -70,13 +77,9 @@ def written_locally(dst):
     if is_local(dst):
         yield os.fspath(dst)
         return
-    fd, tmp = tempfile.mkstemp(prefix="heft-convert-", suffix="-" + path(dst).name)
-    os.close(fd)
-    try:
+    with _temporary(path(dst).name) as tmp:
         yield tmp
         copy(tmp, dst)
-    finally:
-        os.remove(tmp)
 
 
 # Where convert may write, checked before the slow part (and before importing JAX).
