@@ -29,6 +29,10 @@ def test_train_stop_resume_eval_and_verify_on_a_gcs_workdir(tmp_path, gcs):
     rows = [json.loads(line) for line in _gs_text(f"{workdir}/metrics.jsonl").splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == list(range(1, 21))
     assert any(row.get("resumed") for row in rows)
+    from etils import epath
+
+    events = [p.name for p in epath.Path(f"{workdir}/tensorboard").iterdir()]
+    assert any(name.startswith("events.out.tfevents") for name in events), events
 
     r = _heft(["verify", workdir])
     assert r.returncode == 0 and r.stdout.count("ok ") == 2, r.stdout + r.stderr  # steps 10 and 20
