@@ -21,6 +21,7 @@ VERBS = {
     "export": ("heft.launch.verbs.export", "write a parameters-only checkpoint for serving"),
     "plan": ("heft.launch.verbs.plan", "compile the train step for a TPU topology and predict fit and speed"),
     "convert": ("heft.launch.verbs.convert", "import or export Hugging Face weights"),
+    "sweep": ("heft.launch.verbs.sweep", "run a sweep's points and fit scaling laws to them"),
 }
 
 
@@ -135,3 +136,7 @@ def skip_absent_tpu() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
     if "jax" in sys.modules:  # imported already (heft called from Python): its config read the variable
         sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""A sweep's report: one row per point, the fits, and plots, written to WORKDIR/report/.
+
+    table.csv, table.md   name, overrides, parameters, tokens, compute, final losses
+    fits.json             L(N) and L(C) power laws (bootstrap 95% intervals, R²); the IsoFLOP analysis
+    curves.png            training loss against tokens, one line per point
+    loss_vs_params.png, loss_vs_tokens.png, loss_vs_compute.png   final held-out loss, with the fits
+
+Parameters and FLOPs come from `heft size` (train/size.py): N is the non-embedding parameter count
+and compute is training FLOPs per token (6N plus attention) times tokens seen, as `heft train`'s
+MFU counts them.
+"""
+
+import csv
+import io
+
+import numpy as np
+
+from heft.scaling import fit, sweep
+from heft.train import size, storage
+
+
+def row(point: sweep.Point) -> dict | None:
+    """One point's numbers, or None if it has no held-out loss yet."""
+    rows = sweep.metrics(point.workdir)
+    evals = [r for r in rows if "eval_loss" in r]
+    losses = [r for r in rows if "loss" in r]
+    if not evals:
+        return None
+    c = point.config
+    r = size.report(c)
+    steps = evals[-1]["step"]
+    tokens = steps * c.train.batch_size * c.train.seq_len
+    return {
+        "name": point.name,
+        **{k: v for k, v in point.overrides.items()},
+        "params": r["non_embedding_params"],
+        "total_params": r["total_params"],
+        "steps": steps,
+        "tokens": tokens,
+        "compute": r["flops_per_token"] * tokens,
+        "train_loss": float(np.mean([x["loss"] for x in losses[-3:]])) if losses else None,
+        "eval_loss": evals[-1]["eval_loss"],
+        "status": point.status,
+    }
+
+
+def _markdown(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    for r in rows:
+        cells = [f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v) for v in r.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def fits(rows: list[dict]) -> dict:
+    """The power laws over the points' final held-out losses (those that can be fitted)."""
+    out = {}
+    for axis in ("params", "compute", "tokens"):
+        xs = np.array([r[axis] for r in rows], float)
+        if len(np.unique(xs)) >= 3:
+            out[f"loss_vs_{axis}"] = fit.power_law(xs, [r["eval_loss"] for r in rows]).to_json()
+    iso = fit.isoflop([{"compute": r["compute"], "params": r["params"], "loss": r["eval_loss"]} for r in rows])
+    if iso.budgets:
+        out["isoflop"] = iso.to_json()
+    return out
+
+
+def _plots(rows: list[dict], points: list[sweep.Point], laws: dict, out) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    def save(fig, name):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        storage.write_bytes(out / name, buf.getvalue())
+        written.append(name)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for p in points:
+        data = [r for r in sweep.metrics(p.workdir) if "loss" in r]
+        if data:
+            tokens = [r["step"] * p.config.train.batch_size * p.config.train.seq_len for r in data]
+            ax.plot(tokens, [r["loss"] for r in data], label=p.name)
+    ax.set(xscale="log", xlabel="tokens seen", ylabel="training loss (nats/token)", title="loss curves")
+    ax.legend(fontsize=7)
+    save(fig, "curves.png")
+    for axis, label in (("params", "non-embedding parameters N"), ("tokens", "tokens D"), ("compute", "compute C (FLOPs)")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = np.array([r[axis] for r in rows], float)
+        ax.scatter(xs, [r["eval_loss"] for r in rows], color="k", zorder=3)
+        for r in rows:
+            ax.annotate(r["name"], (r[axis], r["eval_loss"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        law = laws.get(f"loss_vs_{axis}")
+        if law:
+            grid = np.geomspace(xs.min() / 1.5, xs.max() * 1.5, 100)
+            ax.plot(grid, law["E"] + law["A"] * grid ** -law["alpha"],
+                    label=f"{law['E']:.2f} + {law['A']:.3g}·x^-{law['alpha']:.3f} (R² {law['r2']:.3f})")
+            ax.legend(fontsize=8)
+        ax.set(xscale="log", xlabel=label, ylabel="held-out loss (nats/token)", title=f"final loss vs {axis}")
+        save(fig, f"loss_vs_{axis}.png")
+    return written
+
+
+def write(path: str, workdir: str, plots: bool = True) -> dict:
+    """Collects every point with a held-out loss, writes the table, fits and plots; returns the fits."""
+    points = sweep.points(path, workdir)
+    rows = [r for r in (row(p) for p in points) if r is not None]
+    out = storage.path(workdir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        return {}
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_bytes(out / "table.csv", buf.getvalue().encode())
+    storage.write_bytes(out / "table.md", _markdown(rows).encode())
+    laws = fits(rows)
+    storage.write_json(out / "fits.json", laws)
+    if plots:
+        _plots(rows, points, laws, out)
+    return {"rows": rows, "fits": laws, "report": str(out)}
+
+
+def summary(result: dict) -> str:
+    if not result:
+        return "heft sweep: no point has a held-out loss yet; run the sweep first"
+    lines = [f"heft sweep: {len(result['rows'])} points; report in {result['report']}"]
+    for name, law in result["fits"].items():
+        if name.startswith("loss_vs_"):
+            ci = law["intervals_95"].get("alpha")
+            ci = f" (95% CI {ci[0]:.3f}..{ci[1]:.3f})" if ci else ""
+            lines.append(f"  {name}: L = {law['E']:.3f} + {law['A']:.4g}·x^-{law['alpha']:.3f}{ci}, R² {law['r2']:.3f}")
+    iso = result["fits"].get("isoflop")
+    if iso and iso["n_exponent"] is not None:
+        lines.append(f"  isoflop: N_opt ∝ C^{iso['n_exponent']:.3f}, D_opt ∝ C^{iso['d_exponent']:.3f} "
+                     f"over {len(iso['budgets'])} budgets")
+    return "\n".join(lines)
