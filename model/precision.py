@@ -14,5 +14,9 @@ def dtype(name: str) -> jnp.dtype:
 
 
 def compute(x, m):
-    """Casts `x` (an activation or a weight) to the config's compute dtype for a matmul."""
-    return x.astype(dtype(m.compute_dtype))
+    """Casts `x` (an activation or a weight) to the config's compute dtype for a matmul.
+
+    `jnp.asarray`, not `x.astype`: qwix intercepts it, so a quantized weight (heft.quantize) reaches
+    the matmul as integers and scales instead of failing to cast.
+    """
+    return jnp.asarray(x, dtype(m.compute_dtype))
