@@ -38,8 +38,11 @@ def get_config() -> ml_collections.ConfigDict:
     m.rope_original_max_len = 8192
     m.param_dtype = "float32"
     m.compute_dtype = "float32"  # float32 | bfloat16: matmuls; softmax, norms and logits stay float32
-    m.init = "scaled_normal"  # fan-in-scaled truncated normal, residual outputs / sqrt(2 * depth)
+    m.init = "scaled_normal"  # scaled_normal | mup: fan-in-scaled truncated normal, residual outputs / sqrt(2 * depth)
     m.init_scale = 1.0  # multiplies every matrix's fan-in-scaled std
+    # init=mup: the same fan-in-scaled init (its readout std init_scale / width is already μP's) with
+    # μP's learning rates: matrices learn at lr * mup_base_width / width (train/optimizer.py).
+    m.mup_base_width = 128
     # Token (and learned position) embedding std. 1.0 puts the residual stream at unit scale, so
     # the depth-scaled blocks move it little at init; tied embeddings need a small one (GPT-2: 0.02).
     m.embed_init_std = 1.0

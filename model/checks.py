@@ -5,6 +5,7 @@ ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
 POSITIONS = ("rope", "learned")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "save_matmuls")
+INITS = ("scaled_normal", "mup")
 ROPE_SCALINGS = ("none", "llama3")
 
 
@@ -69,5 +70,7 @@ def check_model(m) -> None:
     _one_of(m, "compute_dtype", DTYPES)
     _one_of(m, "remat", REMAT)
     _one_of(m, "rope_scaling", ROPE_SCALINGS)
-    if m.init != "scaled_normal":
-        raise ConfigError(f"model.init={m.init!r} is unknown; choose scaled_normal")
+    _one_of(m, "init", INITS)
+    if m.init == "mup" and (not isinstance(m.mup_base_width, int) or m.mup_base_width < 1):
+        raise ConfigError(f"model.mup_base_width={m.mup_base_width!r} must be a positive integer (the width at "
+                          "which μP's learning rate was tuned)")

@@ -1,6 +1,6 @@
 """The house, one floor per stage: data flows one way, and no stage imports the floor above it.
 
-    configs, model, data  ->  train  ->  eval, convert  ->  launch (the `heft` command, planning)
+    configs, model, data  ->  train  ->  eval, convert, quantize  ->  launch (the `heft` command, planning)
 
 Every import in every module (at the top or inside a function) is read with `ast`.
 """
@@ -19,7 +19,8 @@ ALLOWED = {
     "train": {"model", "data", "configs"},
     "eval": {"configs", "model", "data", "train"},
     "convert": {"configs", "model", "data", "train"},
-    "launch": {"configs", "model", "data", "train", "eval", "convert"},
+    "quantize": {"configs", "model", "data", "train"},
+    "launch": {"configs", "model", "data", "train", "eval", "convert", "quantize"},
 }
 
 

@@ -41,15 +41,54 @@ def decay_mask(params: dict, t) -> dict:
     return traverse_util.unflatten_dict({path: decays(path, t) for path in flat})
 
 
-def make(t) -> optax.GradientTransformation:
-    """AdamW over nested-dict parameters, clipped by global norm (`train.grad_clip`, 0 disables)."""
-    adamw = optax.adamw(
-        schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
-        mask=lambda params: decay_mask(params, t),
-    )
+def make(t, lr_multipliers: dict | None = None) -> optax.GradientTransformation:
+    """AdamW over nested-dict parameters, clipped by global norm (`train.grad_clip`, 0 disables).
+
+    `lr_multipliers` ({parameter path: factor}, μP's from `mup_multipliers`) gives parameters a
+    multiple of the schedule's learning rate: they are grouped by factor under
+    `optax.multi_transform`, one AdamW per group.
+    """
+    def adamw(factor: float = 1.0):
+        rate = schedule(t)
+        return optax.adamw(
+            rate if factor == 1.0 else (lambda count: factor * rate(count)), b1=t.b1, b2=t.b2, eps=t.eps,
+            weight_decay=t.weight_decay, mask=lambda params: decay_mask(params, t),
+        )
+
+    if lr_multipliers is None:
+        tx = adamw()
+    else:
+        groups = {str(f): adamw(f) for f in set(lr_multipliers.values())}
+        labels = traverse_util.unflatten_dict({path: str(f) for path, f in lr_multipliers.items()})
+        tx = optax.multi_transform(groups, labels)
     if t.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
-    return adamw
+        return optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
+    return tx
+
+
+def mup_multipliers(config) -> dict:
+    """μP's per-parameter learning-rate factors for Adam (Tensor Programs V), {path: factor}: every
+    matrix whose fan-in grows with the width (attention, MLP, the readout) learns at
+    lr · base_width / width; embeddings, norm scales and biases at lr. With `model.init=mup` and a
+    fixed head_dim, the best lr found at `model.mup_base_width` carries over to other widths."""
+    from heft.model.decoder import abstract_params
+
+    ratio = config.model.mup_base_width / config.model.width
+
+    def factor(path) -> float:
+        name = path[-1]
+        fixed = name in ("embed", "position_embed") or name.endswith("_bias") or (
+            len(path) > 1 and path[-2].endswith("norm"))
+        return 1.0 if fixed else ratio
+
+    return {path: factor(path) for path in traverse_util.flatten_dict(abstract_params(config.model))}
+
+
+def make_for(config) -> optax.GradientTransformation:
+    """The run's optimizer: `make(config.train)`, with μP's multipliers when `model.init == "mup"`."""
+    if config.model.get("init") == "mup":
+        return make(config.train, mup_multipliers(config))
+    return make(config.train)
 
 
 def state_bytes_per_param(param_dtype: str) -> int:
@@ -65,8 +104,9 @@ def _is_schedule(path, _) -> bool:
 
 
 def schedule_count(opt_state):
-    """The step at which optax reads the learning-rate schedule for the next update."""
-    return optax.tree.get(opt_state, "count", filtering=_is_schedule)
+    """The step at which optax reads the learning-rate schedule for the next update (every group's
+    schedule moves together, so the first one says it)."""
+    return optax.tree.get_all_with_path(opt_state, "count", filtering=_is_schedule)[0][1]
 
 
 def skip(opt_state):

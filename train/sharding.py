@@ -112,7 +112,7 @@ def state_shardings(config, mesh: Mesh) -> dict:
     from heft.train import optimizer
 
     params = param_dict_shardings(config.model, mesh, config)
-    tx = optimizer.make(config.train)
+    tx = optimizer.make_for(config)
     opt = optax.tree_map_params(
         tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, abstract_params(config.model)), params,
         transform_non_params=lambda _: replicated(mesh),

@@ -17,7 +17,7 @@ def init_state(config) -> dict:
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
-        "opt_state": optimizer.make(config.train).init(params),
+        "opt_state": optimizer.make_for(config).init(params),
     }
 
 
@@ -62,7 +62,7 @@ def train_step(config, state, batch):
     """One optimizer update. Returns (new state, metrics); a non-finite loss or gradient leaves the
     parameters and Adam's moments as they were but advances the step and the schedule with it (the
     loop then stops or skips, by `train.on_nonfinite`). The logged `lr` is the one applied."""
-    tx = optimizer.make(config.train)
+    tx = optimizer.make_for(config)
     loss, grads = gradients(config, state["params"], batch)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

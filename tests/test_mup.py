@@ -1,0 +1,63 @@
+"""μP: the coordinate check (activations' movement stays flat across widths under μP and grows under
+the standard parametrisation), and its learning-rate factors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from heft.configs import tiny
+from heft.model.decoder import bind
+from heft.train import optimizer, step
+
+WIDTHS = (64, 1024)
+
+
+def _config(init: str, width: int):
+    c = tiny.get_config()
+    c.model.update(vocab=256, depth=1, width=width, heads=width // 32, kv_heads=width // 32, mlp_width=2 * width,
+                   max_len=64, init=init, mup_base_width=64, remat="none")
+    c.train.update(lr=3e-3, warmup_steps=0, steps=100, schedule="constant", grad_clip=0.0, weight_decay=0.0,
+                   seq_len=16, batch_size=4)
+    return c
+
+
+def movement(init: str, width: int, steps: int = 4) -> tuple[float, float]:
+    """(mean |Δ residual stream|, std of Δ logits) after `steps` Adam steps on one fixed batch."""
+    c = _config(init, width)
+    tokens = np.random.default_rng(0).integers(0, 256, (4, 17))
+    batch = jax.tree.map(jnp.asarray, {
+        "inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.tile(np.arange(16), (4, 1)),
+        "segment_ids": np.ones((4, 16), np.int32), "weights": np.ones((4, 16), np.float32)})
+    state = jax.jit(lambda: step.init_state(c))()
+    forward = jax.jit(lambda p: bind(c.model, p)(batch["inputs"], batch["positions"], return_hidden=True))
+    logits0, hidden0 = forward(state["params"])
+    train = jax.jit(lambda s: step.train_step(c, s, batch)[0])
+    for _ in range(steps):
+        state = train(state)
+    logits, hidden = forward(state["params"])
+    return float(jnp.mean(jnp.abs(hidden - hidden0))), float(jnp.std(logits - logits0))
+
+
+@pytest.mark.slow
+def test_coordinates_stay_flat_across_widths_under_mup_and_grow_under_standard():
+    sp = [movement("scaled_normal", w) for w in WIDTHS]
+    mup = [movement("mup", w) for w in WIDTHS]
+    # Standard: Adam moves every weight by ~lr whatever the width, so wider layers move their
+    # outputs more (here ~6x from 64 to 1024).
+    assert sp[-1][0] > 3 * sp[0][0] and sp[-1][1] > 3 * sp[0][1], sp
+    # μP: the same movement at every width, within 2x.
+    for i in (0, 1):
+        values = [m[i] for m in mup]
+        assert max(values) < 2 * min(values), mup
+    assert mup[0] == pytest.approx(sp[0], rel=1e-4)  # at the base width μP is the standard run
+
+
+def test_mup_learning_rate_factors_scale_matrices_only():
+    c = _config("mup", 256)
+    factors = optimizer.mup_multipliers(c)
+    assert factors[("embed",)] == 1.0 and factors[("final_norm", "scale")] == 1.0
+    matrices = [f for path, f in factors.items() if path[-1] in ("q", "k", "v", "o", "readout")]
+    assert matrices and all(f == 64 / 256 for f in matrices)
+    state = jax.eval_shape(lambda: step.init_state(c))  # the grouped optimizer builds and counts
+    assert optimizer.schedule_count(state["opt_state"]).shape == ()
