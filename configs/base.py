@@ -58,13 +58,16 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Mesh: sizes of the data, fsdp and tensor axes; -1 fills the remaining devices.
     c.mesh = ml_collections.ConfigDict()
+    # TPU slices the run spans, joined by the data-center network (DCN): the outermost mesh axis.
+    # data, fsdp and tensor split each slice; the rules below put only the batch across slices.
+    c.mesh.slices = 1
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     # Logical axis -> mesh axes (a name, a tuple of names, or None for replicated).
     # One table for every parameter and activation; change the parallelism here, never in model/.
     c.mesh.rules = (
-        ("batch", ("data", "fsdp")),
+        ("batch", ("slices", "data", "fsdp")),
         ("length", None),
         ("embed", "fsdp"),
         ("vocab", "tensor"),

@@ -11,6 +11,10 @@ trip costs. A body is then counted once per trip of it and of every loop around 
 where `exclusive(w)` is w's body cost less the bodies of the loops directly inside it.
 Trip counts come from the loop's condition (`counter < N`), the step its body adds to the counter
 and the counter's first value.
+
+Across TPU slices, XLA hands what crosses the data-center network to the host as a `send` for the
+megascale runtime (one per buffer it reduces across slices, e.g. a layer's gradient shard). Their
+bytes, counted once per trip of the loops around them, are the step's cross-slice traffic.
 """
 
 import dataclasses
@@ -23,6 +27,10 @@ from jax._src.lib import xla_client  # the module-text parser and cost analysis 
 _NAME = r"%([\w.\-]+)"  # an instruction or computation name in module text
 _HEADER = re.compile(r"^(?:ENTRY )?%([^\s(]+) \(.*\{$")
 _WHILE = re.compile(r"\bwhile\(%([^\s,)]+)\), condition=%([^\s,]+), body=%([^\s,]+)")
+# A transfer to the megascale (DCN) runtime: "= (f32[18,8,128]{...}, u32[], token[]) send(...megascale..."
+_DCN_SEND = re.compile(r"= \((\w+)\[([\d,]*)\][^ ]* .*\bsend\(.*xla_megascale_runtime")
+_ITEMSIZE = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+             "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1, "f8e5m2": 1}
 
 
 @dataclasses.dataclass
@@ -42,6 +50,7 @@ class Costs:
     xla_flops: float  # what compiled.cost_analysis() says (loop bodies once)
     xla_bytes_accessed: float
     loops: list[Loop]
+    dcn_buffer_bytes: float = 0.0  # per device, per step: buffers reduced across slices (0 on one slice)
 
     @property
     def uncounted_loops(self) -> int:
@@ -131,7 +140,8 @@ def analyse_text(text: str, xla: dict) -> Costs:
                 trips = _trips(lines, comps, m.group(2), m.group(3), name, m.group(1))
                 loops.append(Loop(body=m.group(3), parent=name, trips=trips))
     if not loops:
-        return Costs(xla["flops"], xla["bytes accessed"], xla["flops"], xla["bytes accessed"], [])
+        return Costs(xla["flops"], xla["bytes accessed"], xla["flops"], xla["bytes accessed"], [],
+                     _dcn_bytes(lines, comps, lambda name: 1))
 
     base = _cost(text)
     for loop in loops:
@@ -165,4 +175,21 @@ def analyse_text(text: str, xla: dict) -> Costs:
         direct = [j for j in inside[i] if not any(j in inside[k] for k in inside[i])]
         flops += (w.flops - sum(loops[j].flops for j in direct)) * (w.multiplier - 1)
         nbytes += (w.bytes - sum(loops[j].bytes for j in direct)) * (w.multiplier - 1)
-    return Costs(flops, nbytes, xla["flops"], xla["bytes accessed"], loops)
+
+    def trips(name: str) -> int:  # a computation runs as often as the innermost loop body reaching it
+        return max((w.multiplier for w in loops if reaches(w.body, name)), default=1)
+
+    return Costs(flops, nbytes, xla["flops"], xla["bytes accessed"], loops, _dcn_bytes(lines, comps, trips))
+
+
+def _dcn_bytes(lines: list[str], comps: dict, trips) -> float:
+    """Bytes of the buffers a device hands to the megascale (DCN) runtime per step, each send counted
+    `trips(computation)` times."""
+    total = 0.0
+    for name, (start, end) in comps.items():
+        for line in lines[start + 1 : end]:
+            m = _DCN_SEND.search(line)
+            if m:
+                count = math.prod(int(d) for d in m.group(2).split(",") if d)
+                total += count * _ITEMSIZE.get(m.group(1), 4) * trips(name)
+    return total

@@ -8,7 +8,12 @@ max(FLOPs / peak FLOP/s, bytes / HBM bandwidth); collectives between chips are n
 prediction is a ceiling on speed, not a forecast. MFU counts model FLOPs (`heft size`'s 6N +
 attention), not XLA's, which include what remat recomputes.
 
-    heft plan --config=configs/llama2_70b.py --topology=v5p:4x8x8 [--json]
+Across several slices (`--slices=K`, `mesh.slices`), the step is compiled for K such slices and
+what it sends over the data-center network (XLA's transfers to the megascale runtime, counted per
+loop trip; `costs.py`) is charged to the chip's DCN bandwidth (train/chips.py): a third roof, the
+slowest of the three setting the step time, as if the DCN transfers overlapped the compute.
+
+    heft plan --config=configs/llama2_70b.py --topology=v5p:4x8x8 [--slices=2] [--json]
     heft plan --config=configs/llama2_70b.py --topology=v5p:4x8x8 --search   (launch/verbs/plan.py)
 """
 
@@ -32,10 +37,10 @@ class Plan:
     """One configuration compiled for one slice. Bytes and FLOPs are per chip; times per step."""
 
     config: str
-    topology: str
+    topology: str  # one slice's
     chip: str
-    chips: int
-    mesh: dict  # {"data": .., "fsdp": .., "tensor": ..}
+    chips: int  # over every slice
+    mesh: dict  # {"slices": .., "data": .., "fsdp": .., "tensor": ..}
     remat: str
     micro_batches: int
     batch: int  # global, in sequences
@@ -53,6 +58,9 @@ class Plan:
     hbm_bandwidth: float
     compile_seconds: float
     uncounted_loops: int = 0  # loops whose trip count was not found (their bodies counted once)
+    slices: int = 1
+    dcn_bytes: float | None = None  # sent across slices per chip per step; None when it did not compile
+    dcn_bandwidth: float | None = None  # bytes/s per chip over the DCN; None where the chip table has none
     executable: object = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -74,12 +82,27 @@ class Plan:
         return None if self.bytes_accessed is None else self.bytes_accessed / self.hbm_bandwidth
 
     @property
+    def dcn_seconds(self) -> float | None:
+        """Cross-slice transfers over the DCN; 0 on one slice, None if unknown (no figure, no compile)."""
+        if self.slices == 1:
+            return 0.0
+        if self.dcn_bytes is None or self.dcn_bandwidth is None:
+            return None
+        return self.dcn_bytes / self.dcn_bandwidth
+
+    def _roofs(self) -> dict:
+        return {"compute": self.compute_seconds, "memory": self.memory_seconds, "dcn": self.dcn_seconds or 0.0}
+
+    @property
     def step_seconds(self) -> float | None:
-        return None if self.flops is None else max(self.compute_seconds, self.memory_seconds)
+        return None if self.flops is None else max(self._roofs().values())
 
     @property
     def bound(self) -> str | None:
-        return None if self.flops is None else ("compute" if self.compute_seconds >= self.memory_seconds else "memory")
+        if self.flops is None:
+            return None
+        roofs = self._roofs()
+        return max(roofs, key=roofs.get)
 
     @property
     def tokens_per_second_per_chip(self) -> float | None:
@@ -92,12 +115,13 @@ class Plan:
     @property
     def overrides(self) -> list[str]:
         """The flags that select this configuration."""
-        return [f"--config.mesh.{a}={self.mesh[a]}" for a in sharding.AXES] + [
+        axes = sharding.AXES if self.slices > 1 else sharding.IN_SLICE
+        return [f"--config.mesh.{a}={self.mesh[a]}" for a in axes] + [
             f"--config.model.remat={self.remat}", f"--config.train.micro_batches={self.micro_batches}"]
 
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "executable"}
-        for name in ("fits", "shortfall", "compute_seconds", "memory_seconds", "step_seconds", "bound",
+        for name in ("fits", "shortfall", "compute_seconds", "memory_seconds", "dcn_seconds", "step_seconds", "bound",
                      "tokens_per_second_per_chip", "mfu", "overrides"):
             d[name] = getattr(self, name)
         return d
@@ -186,7 +210,7 @@ def fit_check(config, mesh, topology_name: str | None = None) -> Plan:
         raise ConfigError(f"no chip table entry for device kind {device.device_kind!r}; known: "
                           f"{', '.join(c.device_kind for c in chips.CHIPS.values())} (heft/train/chips.py)")
     checks.check(config, mesh)  # the loop's own checks: a plan stops where the run would
-    n = mesh.devices.size
+    n, k = mesh.devices.size, mesh.shape["slices"]
     start = time.perf_counter()
     # Shardings are built outside the mesh context: optax's state initialisation runs eagerly there
     # and would try to execute on the (abstract) devices of the active mesh.
@@ -199,7 +223,7 @@ def fit_check(config, mesh, topology_name: str | None = None) -> Plan:
         batch=config.train.batch_size, seq_len=config.train.seq_len, steps=config.train.steps,
         params=params, optimizer=optimizer,
         model_flops=size.report(config)["flops_per_step"] / n, peak_flops=chip.peak_flops,
-        hbm_bandwidth=chip.hbm_bandwidth,
+        hbm_bandwidth=chip.hbm_bandwidth, slices=k, dcn_bandwidth=chip.dcn_bandwidth,
     )
     with sharding.activated(mesh, config):
         lowered = step.lower(state, batch)
@@ -217,15 +241,17 @@ def fit_check(config, mesh, topology_name: str | None = None) -> Plan:
     cost = costs.analyse(exe)
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+    # Each buffer is reduced across the k slices: a ring sends 2 (k - 1) / k of it from every chip.
+    dcn = cost.dcn_buffer_bytes * 2 * (k - 1) / k
     return Plan(**common, temporaries=mem.temp_size_in_bytes, total=total, hbm=usable_hbm(device, chip),
                 flops=cost.flops, bytes_accessed=cost.bytes_accessed, compile_seconds=seconds,
-                uncounted_loops=cost.uncounted_loops, executable=exe)
+                uncounted_loops=cost.uncounted_loops, dcn_bytes=dcn, executable=exe)
 
 
 def mesh_for(config, topology_name: str):
-    """The config's mesh laid over the named slice's abstract devices."""
+    """The config's mesh laid over the named slice's abstract devices (`mesh.slices` such slices)."""
     topo = topology.parse(topology_name)
-    return sharding.make_mesh(config, topology.devices(topo))
+    return sharding.make_mesh(config, topology.devices(topo, sharding.slices(config)))
 
 
 def plan(config, topology_name: str) -> Plan:
@@ -246,12 +272,13 @@ def _si(n: float, unit: str) -> str:
 
 def table(p: Plan) -> str:
     chip = chips.CHIPS[p.chip]
-    mesh = " x ".join(f"{a} {p.mesh[a]}" for a in sharding.AXES)
+    mesh = " x ".join(f"{a} {p.mesh[a]}" for a in (sharding.AXES if p.slices > 1 else sharding.IN_SLICE))
+    where = p.topology if p.slices == 1 else f"{p.slices} slices of {p.topology}"
     other = p.total - p.params - p.optimizer - p.temporaries
     verdict = (f"FITS, {_gib(p.hbm - p.total)} to spare ({p.total / p.hbm:.0%} of HBM)" if p.fits
                else f"DOES NOT FIT: short by {_gib(p.shortfall)} per chip")
     rows = [
-        f"{p.config} on {p.topology}: {p.chips} {p.chip} chips, mesh {mesh}, remat={p.remat}, "
+        f"{p.config} on {where}: {p.chips} {p.chip} chips, mesh {mesh}, remat={p.remat}, "
         f"micro_batches={p.micro_batches}, batch {p.batch} x {p.seq_len} tokens",
         f"memory per chip (XLA's buffer assignment; compiled in {p.compile_seconds:.0f} s)",
         *(f"  {name:<26}{_gib(n):>14}" for name, n in (
@@ -271,10 +298,19 @@ def table(p: Plan) -> str:
         f"  {'bytes accessed (XLA)':<26}{_si(p.bytes_accessed, 'B'):>14}   / {_si(chip.hbm_bandwidth, 'B/s')} "
         f"= {p.memory_seconds * 1e3:,.1f} ms",
         f"  {'model FLOPs (6N + attn)':<26}{_si(p.model_flops, 'FLOP'):>14}",
-        f"predicted (roofline, no communication): {p.step_seconds * 1e3:,.1f} ms/step, {p.bound}-bound, "
+    ]
+    if p.slices > 1:
+        rows.append(
+            f"  {'across slices (DCN)':<26}{_si(p.dcn_bytes, 'B'):>14}   / {_si(p.dcn_bandwidth, 'B/s')} "
+            f"= {p.dcn_seconds * 1e3:,.1f} ms" if p.dcn_seconds is not None else
+            f"  {'across slices (DCN)':<26}{_si(p.dcn_bytes, 'B'):>14}   (no DCN figure for {p.chip} in "
+            "train/chips.py: not in the step time)")
+    network = "ICI not counted" if p.slices > 1 else "no communication"
+    rows += [
+        f"predicted (roofline, {network}): {p.step_seconds * 1e3:,.1f} ms/step, {p.bound}-bound, "
         f"{p.tokens_per_second_per_chip:,.0f} tokens/s/chip, MFU {p.mfu:.1%}",
-        f"  the config's {p.steps:,} steps: {p.steps * p.step_seconds / 3600:,.1f} hours on this slice at best",
-        f"chip peaks: {chip.source}",
+        f"  the config's {p.steps:,} steps: {p.steps * p.step_seconds / 3600:,.1f} hours on {'this slice' if p.slices == 1 else 'these slices'} at best",
+        f"chip peaks: {chip.source}" + (f"; DCN: {chip.dcn_source}" if p.slices > 1 and chip.dcn_source else ""),
     ]
     if p.uncounted_loops:
         rows.append(f"warning: {p.uncounted_loops} loop(s) with no trip count found: their bodies counted once")

@@ -49,7 +49,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def layouts(config, chips: int) -> list[tuple[int, int, int]]:
-    """(data, fsdp, tensor) splits of `chips` that the model's widths and the batch divide."""
+    """(data, fsdp, tensor) splits of one slice's `chips` that the model's widths and the batch divide."""
     m = config.model
     out = []
     for tensor in TENSOR:
@@ -57,7 +57,7 @@ def layouts(config, chips: int) -> list[tuple[int, int, int]]:
             continue
         for fsdp in _divisors(chips // tensor):
             data = chips // tensor // fsdp
-            sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+            sizes = {"slices": sharding.slices(config), "data": data, "fsdp": fsdp, "tensor": tensor}
             if m.width % fsdp == 0 and config.train.batch_size % checks.batch_devices(config, sizes) == 0:
                 out.append((data, fsdp, tensor))
     return out
@@ -76,14 +76,14 @@ def with_overrides(config, layout=None, remat=None, micro_batches=None):
 
 def _micro_counts(config, layout) -> list[int]:
     """Micro-batch counts that leave each micro-batch divisible over the batch's devices."""
-    per_device = config.train.batch_size // (layout[0] * layout[1])
+    per_device = config.train.batch_size // (sharding.slices(config) * layout[0] * layout[1])
     return _divisors(per_device)
 
 
 def search(config, topology_name: str, remats=REMATS, budget: int = 16, progress=lambda s: None) -> Search:
     """Compiles candidates for the named slice, within `budget` compiles; see the module doc."""
     topo = topology.parse(topology_name)
-    devices = topology.devices(topo)
+    devices = topology.devices(topo, sharding.slices(config))
     result = Search(topology_name, config.name, [], [], budget)
     candidates = layouts(config, topo.chips)
     if not candidates:

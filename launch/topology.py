@@ -70,15 +70,17 @@ def libtpu_available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
-def devices(topology: Topology) -> tuple:
-    """The slice's abstract devices, one per chip, in libtpu's order (the torus's coordinates)."""
+def devices(topology: Topology, slices: int = 1) -> tuple:
+    """The slice's abstract devices, one per chip, in libtpu's order (the torus's coordinates); with
+    `slices` > 1, that many such slices joined by the data-center network, each device carrying its
+    `slice_index` as on a real multislice run."""
     if not libtpu_available():
         raise ConfigError(INSTALL)
-    return _devices(topology)
+    return _devices(topology, slices)
 
 
 @functools.lru_cache(maxsize=None)
-def _devices(topology: Topology) -> tuple:
+def _devices(topology: Topology, slices: int = 1) -> tuple:
     # Compiling never touches a chip, so libtpu's one-process-per-host lock only gets in the way
     # (two plans at once, or a plan beside a test run). Set before libtpu first loads.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -87,11 +89,14 @@ def _devices(topology: Topology) -> tuple:
 
     # Megacore: v4's and v5p's two TensorCores act as one device, as they do when training.
     kwargs = {"chip_config_name": "megacore"} if topology.chip.cores_per_chip == 2 else {}
+    if slices > 1:
+        kwargs["num_slices"] = slices
     try:
         desc = topologies.get_topology_desc(topology_name=topology.name, platform="tpu", **kwargs)
     except jax.errors.JaxRuntimeError as e:
         raise ConfigError(f"--topology={topology.name}: libtpu refuses it: {str(e).splitlines()[0]}") from e
     found = tuple(desc.devices)
-    if len(found) != topology.chips:
-        raise ConfigError(f"--topology={topology.name}: libtpu gave {len(found)} devices for {topology.chips} chips")
+    if len(found) != topology.chips * slices:
+        raise ConfigError(f"--topology={topology.name}: libtpu gave {len(found)} devices for "
+                          f"{topology.chips * slices} chips")
     return found

@@ -58,4 +58,52 @@ def test_parameters_sharded_by_rules_and_logits_equal_single_device(shape):
 
 def test_minus_one_fills_the_remaining_devices():
     c = _config(-1, 2, 1)
-    assert sharding.make_mesh(c).shape == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert sharding.make_mesh(c).shape == {"slices": 1, "data": 4, "fsdp": 2, "tensor": 1}
+    c.mesh.slices = 2
+    assert sharding.make_mesh(c).shape == {"slices": 2, "data": 2, "fsdp": 2, "tensor": 1}
+
+
+def test_two_slices_of_four_devices_give_the_single_slice_logits_and_training_step():
+    """8 devices as 2 slices x (fsdp 2 x tensor 2): the batch splits across slices, every parameter is
+    whole within a slice (replicated across slices), and the forward pass and one update equal the
+    same run on one slice of 8 (data 2 x fsdp 2 x tensor 2)."""
+    from heft.model.decoder import bind
+    from heft.train import compiled
+
+    one, two = _config(2, 2, 2), _config(1, 2, 2)
+    two.mesh.slices = 2
+    B, T = 8, 16
+    for c in (one, two):  # small, to compile fast
+        c.model.update(vocab=256, width=64, depth=2, heads=4, kv_heads=2, mlp_width=128)
+        c.train.update(batch_size=B, seq_len=T)
+    mesh1, mesh2 = sharding.make_mesh(one), sharding.make_mesh(two)
+    assert mesh2.shape == {"slices": 2, "data": 1, "fsdp": 2, "tensor": 2}
+    # Each slice is a block of 4 devices (no slice_index on CPU devices: consecutive blocks).
+    assert [sorted(d.id for d in mesh2.devices[i].flat) for i in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert sharding.batch_sharding(two, mesh2).spec[0] == ("slices", "data", "fsdp")
+    for sh in jax.tree.leaves(sharding.state_shardings(two, mesh2)):
+        assert "slices" not in jax.tree.leaves(tuple(sh.spec))  # parameters and Adam: within a slice
+
+    seq = np.random.default_rng(0).integers(0, one.model.vocab, (B, T + 1))
+    batch = {"inputs": seq[:, :-1].astype(np.int32), "targets": seq[:, 1:].astype(np.int32),
+             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
+             "segment_ids": np.ones((B, T), np.int32), "weights": np.ones((B, T), np.float32)}
+    results = []
+    for c, mesh in ((one, mesh1), (two, mesh2)):
+        state = compiled.init_state(c, mesh)
+        placed = jax.device_put(batch, sharding.batch_sharding(c, mesh))
+        with sharding.activated(mesh, c):
+            logits = jax.jit(lambda p, x, c=c: bind(c.model, p)(x))(state["params"], placed["inputs"])
+            state, metrics = compiled.train_step(c, mesh)(state, placed)
+        results.append((np.asarray(logits), float(metrics["loss"]), jax.device_get(state["params"])))
+    (logits1, loss1, params1), (logits2, loss2, params2) = results
+    np.testing.assert_allclose(logits2, logits1, atol=1e-5)
+    assert loss2 == pytest.approx(loss1, rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params2, params1)
+
+
+def test_slices_that_do_not_divide_the_devices_are_a_clear_error():
+    c = _config(-1, 1, 1)
+    c.mesh.slices = 3
+    with pytest.raises(sharding.ConfigError, match="mesh.slices=3 does not divide the 8 devices"):
+        sharding.make_mesh(c)

@@ -72,7 +72,12 @@ def _one_of(config, section: str, field: str, allowed: tuple[str, ...]) -> None:
 
 
 def check_mesh_fields(mesh_config) -> None:
-    """Each axis size is a positive integer or -1 (fill the remaining devices), and one axis at most fills."""
+    """Each axis size is a positive integer or -1 (fill the remaining devices), and one axis at most fills;
+    `slices` (absent from configs saved before it existed) is a positive integer."""
+    value = mesh_config.get("slices", 1)
+    if not _is_int(value) or value < 1:
+        raise ConfigError(f"mesh.slices={value!r} must be a positive integer (the TPU slices the run spans; "
+                          "1 for one slice or one machine)")
     for axis in MESH_AXES:
         value = mesh_config[axis]
         if not _is_int(value) or (value < 1 and value != -1):
@@ -127,13 +132,14 @@ def check_config(config) -> None:
 def batch_devices(config, axis_sizes) -> int:
     """How many devices split the batch: the product of the mesh axes the rules give the `batch` axis.
 
-    `axis_sizes`: {"data": .., "fsdp": .., "tensor": ..} (a mesh's `shape`, or a layout being considered).
+    `axis_sizes`: {"slices": .., "data": .., "fsdp": .., "tensor": ..} (a mesh's `shape`, or a layout
+    being considered); an axis it leaves out has size 1.
     """
     from heft.train import sharding
 
     axes = sharding.spec(("batch",), config)[0]
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(axis_sizes[a] for a in axes)
+    return math.prod(axis_sizes.get(a, 1) for a in axes)
 
 
 def check_batch(config, axis_sizes, batch_size: int, name: str = "train.batch_size") -> None:

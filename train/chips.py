@@ -3,6 +3,12 @@
 The one place these numbers live. `heft plan` divides a step's FLOPs and bytes by them (the roofline)
 and compares a step's memory with the HBM. Each row names its public source; where a page gives
 "GB" for a capacity that the chip reports in GiB (v5e, v6e), the table uses GiB, what the runtime sees.
+
+Between TPU slices, traffic goes over the data-center network (DCN) through the hosts' NICs: the
+per-chip DCN figure is the one a plan across slices divides cross-slice bytes by. v5p's page states
+it per chip (50 Gbps); v5e's and v6e's give NICs per host (2 x 100 and 4 x 200 Gbps for 8 chips),
+divided here by the chips a host holds (and equal to their pages' "DCN bandwidth per Pod" / 256).
+v4's page gives no such figure: plans across v4 slices leave the DCN out and say so.
 """
 
 import dataclasses
@@ -19,15 +25,23 @@ class Chip:
     hbm_bandwidth: float  # HBM bytes/s per chip
     cores_per_chip: int  # TensorCores: accelerator-type names (v5p-512) count these, not chips
     source: str
+    dcn_bandwidth: float | None = None  # bytes/s per chip across slices (data-center network); None: unknown
+    dcn_source: str = ""
 
 
 CHIPS = {
     c.name: c
     for c in (
         Chip("v4", "TPU v4", 275e12, 32 * GiB, 1200e9, 2, "https://cloud.google.com/tpu/docs/v4"),
-        Chip("v5e", "TPU v5 lite", 197e12, 16 * GiB, 819e9, 1, "https://cloud.google.com/tpu/docs/v5e"),
-        Chip("v5p", "TPU v5", 459e12, 95 * GiB, 2765e9, 2, "https://cloud.google.com/tpu/docs/v5p"),
-        Chip("v6e", "TPU v6 lite", 918e12, 32 * GiB, 1640e9, 1, "https://cloud.google.com/tpu/docs/v6e"),
+        Chip("v5e", "TPU v5 lite", 197e12, 16 * GiB, 819e9, 1, "https://cloud.google.com/tpu/docs/v5e",
+             dcn_bandwidth=2 * 100e9 / 8 / 8, dcn_source="https://cloud.google.com/tpu/docs/v6e (v5e column: "
+             "2 x 100 Gbps NICs per 8-chip host)"),
+        Chip("v5p", "TPU v5", 459e12, 95 * GiB, 2765e9, 2, "https://cloud.google.com/tpu/docs/v5p",
+             dcn_bandwidth=50e9 / 8, dcn_source="https://cloud.google.com/tpu/docs/v5p (DCN bandwidth per chip: "
+             "50 Gbps)"),
+        Chip("v6e", "TPU v6 lite", 918e12, 32 * GiB, 1640e9, 1, "https://cloud.google.com/tpu/docs/v6e",
+             dcn_bandwidth=4 * 200e9 / 8 / 8, dcn_source="https://cloud.google.com/tpu/docs/v6e (4 x 200 Gbps NICs "
+             "per 8-chip host)"),
         # GPUs: dense (not 2:4 sparse) bf16 tensor-core peaks, SXM boards.
         Chip("a100", "NVIDIA A100", 312e12, 80 * 10**9, 2039e9, 1,
              "https://www.nvidia.com/en-us/data-center/a100/"),

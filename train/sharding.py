@@ -1,9 +1,14 @@
 """From logical axis names to devices: the mesh, the rules table, and placed parameters.
 
 `model/` names every parameter's and activation's axes (`embed`, `heads`, `batch`, ...);
-`config.mesh.rules` maps each name to mesh axes (`data`, `fsdp`, `tensor`). This module is the only
-place the two meet. The mesh uses Auto axis types (classic GSPMD propagation between the named
-constraints), which is what logical axis rules expect.
+`config.mesh.rules` maps each name to mesh axes (`slices`, `data`, `fsdp`, `tensor`). This module is
+the only place the two meet. The mesh uses Auto axis types (classic GSPMD propagation between the
+named constraints), which is what logical axis rules expect.
+
+`slices` is the outermost level, the one that crosses the data-center network (DCN) between TPU
+slices, as MaxText's `dcn_*_parallelism`: the rules put only the batch on it (data parallelism across
+slices), so every parameter is whole within a slice and only its gradient crosses the DCN, once a
+step. `data`, `fsdp` and `tensor` stay within a slice, on its chip-to-chip links (ICI).
 """
 
 import contextlib
@@ -13,44 +18,81 @@ import flax.linen as nn
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from heft.model.checks import ConfigError
 from heft.model.decoder import Decoder, abstract, abstract_params
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("slices", "data", "fsdp", "tensor")
+IN_SLICE = AXES[1:]
 
 
-def mesh_shape(config, n_devices: int) -> tuple[int, int, int]:
-    """The (data, fsdp, tensor) sizes for `n_devices`, with one -1 filling the rest."""
-    sizes = [config.mesh[a] for a in AXES]
+def slices(config) -> int:
+    """`mesh.slices`; 1 for configs saved before the field existed (a checkpoint's manifest)."""
+    return config.mesh.get("slices", 1)
+
+
+def mesh_shape(config, n_devices: int) -> tuple[int, int, int, int]:
+    """The (slices, data, fsdp, tensor) sizes for `n_devices`, with one -1 filling the rest of a slice."""
+    k = slices(config)
+    if n_devices % k:
+        raise ConfigError(f"mesh.slices={k} does not divide the {n_devices} devices; set it to the number of "
+                          "slices the run spans")
+    n, where = n_devices // k, "" if k == 1 else f" in each of the {k} slices"
+    sizes = [config.mesh[a] for a in IN_SLICE]
+    named = dict(zip(IN_SLICE, sizes))
     if sizes.count(-1) > 1:
-        raise ConfigError(f"mesh {dict(zip(AXES, sizes))} has more than one -1; at most one axis can fill")
+        raise ConfigError(f"mesh {named} has more than one -1; at most one axis can fill")
     fixed = math.prod(s for s in sizes if s != -1)
     if any(s == 0 or s < -1 for s in sizes):
-        raise ConfigError(f"mesh {dict(zip(AXES, sizes))} has a size below 1; use positive sizes or -1")
+        raise ConfigError(f"mesh {named} has a size below 1; use positive sizes or -1")
     if -1 in sizes:
-        if n_devices % fixed:
+        if n % fixed:
             raise ConfigError(
-                f"mesh {dict(zip(AXES, sizes))} cannot fill {n_devices} devices: {fixed} does not "
-                f"divide {n_devices}; pick sizes whose product divides the device count"
+                f"mesh {named} cannot fill {n} devices{where}: {fixed} does not "
+                f"divide {n}; pick sizes whose product divides the device count"
             )
-        sizes[sizes.index(-1)] = n_devices // fixed
-    if math.prod(sizes) != n_devices:
+        sizes[sizes.index(-1)] = n // fixed
+    if math.prod(sizes) != n:
         raise ConfigError(
             f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but there are "
-            f"{n_devices} devices; make the product equal the device count or set one axis to -1"
+            f"{n} devices{where}; make the product equal the device count or set one axis to -1"
         )
-    return tuple(sizes)
+    return (k, *sizes)
 
 
 def make_mesh(config, devices=None) -> Mesh:
     """A mesh over `devices` (default: every device of every process) shaped by `config.mesh`."""
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(config, len(devices))
+    auto = (AxisType.Auto,) * len(AXES)
+    found = {getattr(d, "slice_index", 0) for d in devices}
+    if len(found) > 1 and len(found) != shape[0]:
+        raise ConfigError(f"the devices form {len(found)} TPU slices but mesh.slices={shape[0]}; set "
+                          f"--config.mesh.slices={len(found)}")
+    if shape[0] > 1:
+        return Mesh(_slice_grid(shape, devices, len(found) > 1), AXES, axis_types=auto)
     if devices == jax.devices():
-        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3)
-    return Mesh(np.array(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * 3)
+        return jax.make_mesh(shape, AXES, axis_types=auto)
+    return Mesh(np.array(devices).reshape(shape), AXES, axis_types=auto)
+
+
+def _slice_grid(shape, devices, by_slice_index: bool) -> np.ndarray:
+    """Devices laid out as [slices, data, fsdp, tensor], each slice whole on one index of the first axis.
+
+    TPU devices say which slice they are on (`slice_index`): JAX's hybrid mesh groups them by it and
+    orders each slice for its torus. Devices that do not (CPU, GPU) are cut into equal consecutive
+    blocks: whole processes when the process count divides by the slices (jax.devices() lists them
+    process by process), as a multi-node GPU run's DCN is its nodes' network.
+    """
+    if by_slice_index:
+        return mesh_utils.create_hybrid_device_mesh((1,) + tuple(shape[1:]), (shape[0], 1, 1, 1), devices,
+                                                    allow_split_physical_axes=True)
+    if devices[0].platform == "tpu":
+        raise ConfigError(f"mesh.slices={shape[0]} but these TPU devices are one slice; set --config.mesh.slices=1 "
+                          "or run on that many slices")
+    return np.array(devices).reshape(shape)
 
 
 def rules(config) -> tuple:

@@ -1,5 +1,6 @@
-"""`heft plan --config=configs/NAME.py --topology=v5p:4x8x8 [--search] [--json]`: compile the real train
-step for a TPU slice on this machine and predict fit, step time and MFU (launch/plan.py, search.py)."""
+"""`heft plan --config=configs/NAME.py --topology=v5p:4x8x8 [--slices=K] [--search] [--json]`: compile the
+real train step for a TPU slice (or K of them) on this machine and predict fit, step time and MFU
+(launch/plan.py, search.py)."""
 
 import json
 import sys
@@ -17,6 +18,8 @@ def define_flags():
     define_config()
     flags.DEFINE_string("topology", None, "TPU slice as libtpu names it: v4:AxBxC, v5p:AxBxC, v5e:AxB, v6e:AxB "
                         "(chips per axis; v5p:4x8x8 is the 256-chip v5p-512)")
+    flags.DEFINE_integer("slices", None, "plan for this many such slices joined by the data-center network "
+                         "(sets mesh.slices; the batch is split across them)")
     flags.DEFINE_bool("search", False, "try mesh layouts, remat policies and micro-batch counts; rank those that fit")
     flags.DEFINE_integer("budget", 16, "with --search: most compiles to spend (70B: ~2 min each on 2 CPU cores)")
     flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
@@ -31,6 +34,10 @@ def main(argv):
     if not f.topology:
         raise ConfigError("--topology is required: the TPU slice to plan for, e.g. --topology=v5p:4x8x8")
     topology.parse(f.topology)  # name errors before the slow parts
+    if f.slices is not None:
+        if f.slices < 1:
+            raise ConfigError(f"--slices={f.slices} must be a positive number of slices")
+        f.config.mesh.slices = f.slices
     if not topology.libtpu_available():
         raise ConfigError(topology.INSTALL)
     if f.search:
