@@ -130,3 +130,15 @@ def isoflop(points: list[dict]) -> IsoFlop:
         n_exp = float(_linear_fit(logc, np.log([b["n_opt"] for b in budgets]))[1])
         d_exp = float(_linear_fit(logc, np.log([b["d_opt"] for b in budgets]))[1])
     return IsoFlop(budgets, n_exp, d_exp)
+
+
+def optimum(xs, ys) -> float:
+    """The x (e.g. a learning rate) at the bottom of y, from a parabola in log x through the best point
+    and its neighbours; the best point itself when it lies at an edge of the grid."""
+    order = np.argsort(xs)
+    x, y = np.log(np.asarray(xs, float)[order]), np.asarray(ys, float)[order]
+    i = int(np.nanargmin(y))
+    if i == 0 or i == len(x) - 1:
+        return float(math.exp(x[i]))
+    c2, c1, _ = np.polyfit(x[i - 1:i + 2], y[i - 1:i + 2], 2)
+    return float(math.exp(-c1 / (2 * c2))) if c2 > 0 else float(math.exp(x[i]))

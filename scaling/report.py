@@ -63,6 +63,30 @@ def fits(rows: list[dict]) -> dict:
     iso = fit.isoflop([{"compute": r["compute"], "params": r["params"], "loss": r["eval_loss"]} for r in rows])
     if iso.budgets:
         out["isoflop"] = iso.to_json()
+    if lr := lr_optima(rows):
+        out["lr_optimum"] = lr
+    return out
+
+
+def _groups(rows: list[dict], over: str) -> dict:
+    """Rows grouped by every override but `over`: {(("model.width", 64), ...): [rows]}."""
+    keys = [k for k in rows[0] if "." in k and k != over]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(tuple((k, r[k]) for k in keys), []).append(r)
+    return groups
+
+
+def lr_optima(rows: list[dict]) -> list[dict]:
+    """For a sweep over `train.lr`: each other setting's best learning rate (fit.optimum)."""
+    if not rows or "train.lr" not in rows[0]:
+        return []
+    out = []
+    for key, group in _groups(rows, "train.lr").items():
+        if len({r["train.lr"] for r in group}) >= 3:
+            lrs, losses = [r["train.lr"] for r in group], [r["eval_loss"] for r in group]
+            out.append({**dict(key), "lr_opt": fit.optimum(lrs, losses), "loss_at_best": float(np.nanmin(losses)),
+                        "lrs": len(group)})
     return out
 
 
@@ -104,6 +128,18 @@ def _plots(rows: list[dict], points: list[sweep.Point], laws: dict, out) -> list
             ax.legend(fontsize=8)
         ax.set(xscale="log", xlabel=label, ylabel="held-out loss (nats/token)", title=f"final loss vs {axis}")
         save(fig, f"loss_vs_{axis}.png")
+    if laws.get("lr_optimum"):
+        panels = sorted({r.get("model.init", "") for r in rows})
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False, sharey=True)
+        for ax, panel in zip(axes[0], panels):
+            for key, group in sorted(_groups([r for r in rows if r.get("model.init", "") == panel], "train.lr").items()):
+                group = sorted(group, key=lambda r: r["train.lr"])
+                label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in key if k != "model.init")
+                ax.plot([r["train.lr"] for r in group], [r["eval_loss"] for r in group], marker="o", label=label)
+            ax.set(xscale="log", xlabel="learning rate", title=panel or "learning rate")
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("held-out loss (nats/token)")
+        save(fig, "loss_vs_lr.png")
     return written
 
 
@@ -137,6 +173,14 @@ def summary(result: dict) -> str:
             ci = law["intervals_95"].get("alpha")
             ci = f" (95% CI {ci[0]:.3f}..{ci[1]:.3f})" if ci else ""
             lines.append(f"  {name}: L = {law['E']:.3f} + {law['A']:.4g}·x^-{law['alpha']:.3f}{ci}, R² {law['r2']:.3f}")
+    by_panel: dict = {}
+    for o in result["fits"].get("lr_optimum", []):
+        by_panel.setdefault(o.get("model.init", ""), []).append(o)
+    for panel, optima in sorted(by_panel.items()):
+        best = [o["lr_opt"] for o in optima]
+        lines.append(f"  best lr{' (' + panel + ')' if panel else ''}: "
+                     + ", ".join(f"{o.get('model.width', '')}: {o['lr_opt']:.2e}" for o in optima)
+                     + f"; spread {max(best) / min(best):.1f}x")
     iso = result["fits"].get("isoflop")
     if iso and iso["n_exponent"] is not None:
         lines.append(f"  isoflop: N_opt ∝ C^{iso['n_exponent']:.3f}, D_opt ∝ C^{iso['d_exponent']:.3f} "

@@ -87,3 +87,15 @@ def test_a_sweep_file_without_points_is_one_line(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip() == f"heft sweep: --sweep={bad} has no points() function; a sweep file defines points() " \
                                "and get_config(point=None) (see configs/sweeps/width.py)"
+
+
+def test_the_best_learning_rate_of_each_width_is_the_bottom_of_its_curve():
+    from heft.scaling import report
+
+    rows = []
+    for width, best in ((64, 1e-3), (256, 2.5e-4)):
+        for lr in np.geomspace(1e-5, 1e-1, 9):
+            rows.append({"name": f"w{width}_{lr:.0e}", "model.width": width, "train.lr": float(lr),
+                         "eval_loss": 3.0 + 0.1 * np.log(lr / best) ** 2})  # a parabola in log lr
+    optima = {o["model.width"]: o["lr_opt"] for o in report.lr_optima(rows)}
+    assert optima[64] == pytest.approx(1e-3, rel=1e-6) and optima[256] == pytest.approx(2.5e-4, rel=1e-6)

@@ -31,6 +31,8 @@ def main(argv):
         for p in sweep.points(f.sweep, f.workdir):
             print(f"{p.name:<16} {p.status:<8} {p.overrides}")
         return
-    if not f.report:
-        sweep.run(f.sweep, f.workdir, f.parallel, extra=argv[1:])
+    failed = [] if f.report else sweep.run(f.sweep, f.workdir, f.parallel, extra=argv[1:])
     print(report.summary(report.write(f.sweep, f.workdir)))
+    if failed:
+        raise ConfigError(f"sweep points {', '.join(failed)} failed (the report leaves them out); "
+                          "see WORKDIR/NAME/train.log for each")
