@@ -4,7 +4,7 @@
     heft convert --to_hf=CHECKPOINT --out=DIR
     heft convert --from_hf=gs://bucket/llama --out=gs://bucket/heft/llama   # folders in buckets too
 
-The imported checkpoint carries the heft config (and a Llama's sentencepiece tokenizer.model),
+The imported checkpoint carries the heft config (and the tokenizer: tokenizer.model or tokenizer.json),
 so `heft eval` and `heft generate` read it directly.
 """
 
@@ -25,12 +25,13 @@ def run_import(hf_dir: str, out: str, param_dtype: str = "float32"):
 
     overrides = {"model.param_dtype": param_dtype}
     config = hf.heft_config(hf_dir, overrides)  # fails early, before any weight is read
-    sentencepiece, note = tokenizer.find(hf_dir)
+    tokenizer_file, note = tokenizer.find(hf_dir)
+    note = note or tokenizer.check_specials(tokenizer_file, hf.read_config(hf_dir))
     if note:
         print(f"heft convert: {note}", flush=True)
     config, params = hf.import_hf(hf_dir, checkpoint.serving_mesh(config), overrides)
     with contextlib.ExitStack() as stack:
-        local = stack.enter_context(paths.local_copy(sentencepiece)) if sentencepiece else None
+        local = stack.enter_context(paths.local_copy(tokenizer_file)) if tokenizer_file else None
         checkpoint.save_params(out, config, nnx.to_pure_dict(params), local, imported_from=hf_dir)
     return config
 

@@ -1,57 +1,94 @@
-"""Tokenizers that travel with the weights: a Llama folder's sentencepiece `tokenizer.model`.
+"""Tokenizers that travel with the weights: a sentencepiece `tokenizer.model` (Llama 1 and 2) or a
+Hugging Face `tokenizer.json` (Llama 3, GPT-2 and most models since), read by heft.data.tokenizer.
 
-heft reads sentencepiece models only; a byte-level BPE tokenizer (GPT-2's vocab.json and
-merges.txt, Llama 3's tokenizer.json) is left behind with a note saying so. Folders and models may
-be local or in a bucket (gs://): models are read as bytes, which sentencepiece takes directly.
+A folder with both (Llama 2's hub folders) keeps its sentencepiece model; Llama 3's `tokenizer.model`
+is tiktoken's format, not sentencepiece, so its `tokenizer.json` is taken. Folders and files may be
+local or in a bucket (gs://): tokenizers are read as bytes.
 """
 
 import json
 
-import sentencepiece as spm
-
 from heft.convert import paths
+from heft.data import tokenizer as tokenizers
+from heft.data.errors import DataError
 
 SENTENCEPIECE = "tokenizer.model"
-BPE_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+HF_JSON = "tokenizer.json"
+OLD_BPE_FILES = ("vocab.json", "merges.txt")  # GPT-2's files before tokenizer.json
 
 
-def _load(path: str) -> spm.SentencePieceProcessor:
-    return spm.SentencePieceProcessor(model_proto=paths.path(path).read_bytes())
+def _load(path: str):
+    return tokenizers.from_bytes(paths.path(path).read_bytes())
+
+
+def _readable(path: str) -> bool:
+    try:
+        _load(path)
+        return True
+    except (RuntimeError, OSError, DataError):
+        return False
 
 
 def find(hf_dir: str) -> tuple[str | None, str | None]:
-    """(path of the folder's sentencepiece model or None, a note saying why none is imported)."""
-    path = paths.join(hf_dir, SENTENCEPIECE)
-    if paths.path(path).exists():
-        try:
-            _load(path)
-            return path, None
-        except (RuntimeError, OSError):
-            return None, (f"{path} is not a sentencepiece model (Llama 3's is tiktoken BPE); heft reads "
-                          "sentencepiece tokenizers only, so the weights are imported without a tokenizer")
-    bpe = [f for f in BPE_FILES if paths.path(hf_dir).joinpath(f).exists()]
-    if bpe:
-        return None, (f"{hf_dir} has a byte-level BPE tokenizer ({', '.join(bpe)}), which heft does not support "
-                      "(it reads sentencepiece tokenizer.model files); the weights are imported without a tokenizer")
+    """(path of the folder's tokenizer file or None, a note saying what was left behind and why)."""
+    spm = paths.join(hf_dir, SENTENCEPIECE)
+    if paths.path(spm).exists() and _readable(spm):
+        return spm, None
+    hf = paths.join(hf_dir, HF_JSON)
+    if paths.path(hf).exists():
+        if _readable(hf):
+            return hf, None
+        return None, (f"{hf} cannot be read by the tokenizers library; the weights are imported without a "
+                      "tokenizer")
+    if paths.path(spm).exists():
+        return None, (f"{spm} is not a sentencepiece model and the folder has no {HF_JSON}; the weights are "
+                      "imported without a tokenizer")
+    old = [f for f in OLD_BPE_FILES if paths.path(hf_dir).joinpath(f).exists()]
+    if old:
+        return None, (f"{hf_dir} has {' and '.join(old)} but no {HF_JSON}; save the tokenizer with transformers "
+                      "(AutoTokenizer.from_pretrained(dir).save_pretrained(dir)) to write one, then import again")
     return None, f"{hf_dir} has no tokenizer; the weights are imported without one"
 
 
+def check_specials(path: str | None, hf: dict) -> str | None:
+    """A note when config.json's bos/eos ids are not the ones heft reads from the tokenizer file."""
+    if not path:
+        return None
+    tok = _load(path)
+    said = []
+    for name, mine in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)):
+        theirs = hf.get(name)
+        theirs = theirs[0] if isinstance(theirs, list) and theirs else theirs
+        if theirs is not None and theirs != mine:
+            said.append(f"config.json's {name}={theirs} but heft reads {mine if mine >= 0 else 'none'} "
+                        f"from {paths.path(path).name}")
+    return "; ".join(said) + " (generation stops at heft's)" if said else None
+
+
 def special_ids(path: str | None) -> tuple[int | None, int | None]:
-    """(bos, eos) ids of a sentencepiece model, None where it has none (or there is no model)."""
+    """(bos, eos) ids of a tokenizer file, None where it has none (or there is no file)."""
     if not path:
         return None, None
-    sp = _load(path)
-    return (sp.bos_id() if sp.bos_id() >= 0 else None), (sp.eos_id() if sp.eos_id() >= 0 else None)
+    tok = _load(path)
+    return (tok.bos_id if tok.bos_id >= 0 else None), (tok.eos_id if tok.eos_id >= 0 else None)
 
 
 def write(path: str, out_dir: str) -> list[str]:
-    """Copies the model as tokenizer.model, with the tokenizer_config.json that makes transformers'
-    AutoTokenizer read it as a Llama tokenizer (BOS first, as Llama's adds it). Returns the files."""
-    paths.copy(path, paths.join(out_dir, SENTENCEPIECE))
-    sp = _load(path)
-    piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
-    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()),
-              "unk_token": piece(sp.unk_id()), "pad_token": piece(sp.pad_id()), "add_bos_token": sp.bos_id() >= 0,
-              "add_eos_token": False, "legacy": True}
+    """Copies the tokenizer under its own name, with the tokenizer_config.json that makes transformers'
+    AutoTokenizer read it (a LlamaTokenizer for sentencepiece, BOS first as Llama's adds it; a fast
+    tokenizer for tokenizer.json). Returns the files written."""
+    tok = _load(path)
+    piece = lambda i: tok.piece(i) if i >= 0 else None  # noqa: E731
+    if isinstance(tok, tokenizers.HFTokenizer):
+        paths.copy(path, paths.join(out_dir, HF_JSON))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": piece(tok.bos_id),
+                  "eos_token": piece(tok.eos_id), "unk_token": piece(tok.unk_id), "pad_token": piece(tok.pad_id)}
+        name = HF_JSON
+    else:
+        paths.copy(path, paths.join(out_dir, SENTENCEPIECE))
+        config = {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
+                  "unk_token": piece(tok.unk_id), "pad_token": piece(tok.pad_id), "add_bos_token": tok.bos_id >= 0,
+                  "add_eos_token": False, "legacy": True}
+        name = SENTENCEPIECE
     paths.path(out_dir).joinpath("tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return [SENTENCEPIECE, "tokenizer_config.json"]
+    return [name, "tokenizer_config.json"]

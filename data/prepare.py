@@ -55,8 +55,8 @@ class Prepared:
     def tokenizer_bytes(self) -> bytes:
         return tokenizer.read(self.tokenizer_path)
 
-    def tokenizer(self) -> tokenizer.Tokenizer:
-        return tokenizer.Tokenizer(self.tokenizer_bytes())
+    def tokenizer(self) -> "tokenizer.Tokenizer | tokenizer.HFTokenizer":
+        return tokenizer.from_bytes(self.tokenizer_bytes())
 
 
 def cache_dir(configured: str):
@@ -191,7 +191,7 @@ def _write_tokens(texts: Iterable[str], config, tok_bytes: bytes, store_path, to
     """
     from tqdm import tqdm
 
-    tok = tokenizer.Tokenizer(tok_bytes)
+    tok = tokenizer.from_bytes(tok_bytes)
     writer = store.Writer(store_path, store.token_dtype(tok.vocab_size), tok.eos_id)
     sizes: collections.deque = collections.deque()
     workers = max(1, min(int(config.data.workers), os.cpu_count() or 1))
@@ -226,8 +226,11 @@ def prepare(config, *, progress: bool = True, tokenizer_path: str | None = None,
     """
     start = time.perf_counter()
     d = config.data
-    if d.tokenizer not in tokenizer.KINDS:
-        raise DataError(f"data.tokenizer={d.tokenizer!r} is not one of {tokenizer.KINDS}; pick one")
+    if d.tokenizer not in tokenizer.KINDS and not str(d.tokenizer).endswith((".json", ".model")):
+        raise DataError(f"data.tokenizer={d.tokenizer!r} is not one of {tokenizer.KINDS} nor a tokenizer file "
+                        "(.model or tokenizer.json); pick one")
+    if tokenizer_path is None and tokenizer_bytes is None and d.tokenizer not in tokenizer.KINDS:
+        tokenizer_path = d.tokenizer  # a given file (e.g. an imported model's tokenizer.json), used as it is
     corpus.heldout_count(2, d.heldout_fraction)  # checks the fraction's range before any work
     document_start = _document_start(config)
     root = cache_dir(d.cache_dir)
@@ -252,7 +255,7 @@ def prepare(config, *, progress: bool = True, tokenizer_path: str | None = None,
         if (meta := _cached(store_path, tok_path)) is not None:  # retrained identically
             return _prepared(store_path, tok_path, meta, True, document_start)
     tok_bytes = paths.read_bytes(tok_path)
-    tok = tokenizer.Tokenizer(tok_bytes)
+    tok = tokenizer.from_bytes(tok_bytes)
     text_bytes = sum(s.text_bytes for s in sources)
     writer, heldout_start = _write_tokens(_documents(files, d.text_field, kept=kept), config, tok_bytes, store_path,
                                           text_bytes, progress, heldout_document=n_docs - n_heldout)

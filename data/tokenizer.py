@@ -1,4 +1,5 @@
-"""The tokenizer: a sentencepiece model (BPE or unigram), how heft trains it, and how it is used.
+"""The tokenizer: a sentencepiece model (BPE or unigram), how heft trains it, and how it is used;
+or a Hugging Face `tokenizer.json` that came with imported weights (`HFTokenizer`, at the end).
 
 Normalization is deliberately none: `normalization_rule_name="identity"`, no whitespace folding,
 no dummy prefix. So `decode(encode(t)) == normalize(t)` for every string, where `normalize` only
@@ -164,7 +165,8 @@ class Tokenizer:
 
 
 def read(path: str) -> bytes:
-    """The bytes of a sentencepiece .model file, local or on gs://. Raises DataError if it is missing."""
+    """The bytes of a tokenizer file (sentencepiece .model or tokenizer.json), local or on gs://.
+    Raises DataError if it is missing."""
     from heft.data import paths  # here, not above: tokenizing workers import this module and read no files
 
     try:
@@ -173,21 +175,104 @@ def read(path: str) -> bytes:
         raise DataError(f"the tokenizer {path} does not exist; check the path (or the checkpoint it came from)") from None
 
 
-def load(path: str) -> Tokenizer:
-    """Loads a tokenizer from a sentencepiece .model file, local or on gs://."""
-    return Tokenizer(read(path))
+def load(path: str) -> "Tokenizer | HFTokenizer":
+    """Loads a tokenizer from a sentencepiece .model file or a tokenizer.json, local or on gs://."""
+    return from_bytes(read(path))
+
+
+def is_json(model: bytes) -> bool:
+    """Whether tokenizer bytes are a Hugging Face tokenizer.json (sentencepiece models are protobuf)."""
+    return model.lstrip()[:1] == b"{"
+
+
+def from_bytes(model: bytes) -> "Tokenizer | HFTokenizer":
+    """The tokenizer these bytes hold, of either kind."""
+    return HFTokenizer(model) if is_json(model) else Tokenizer(model)
 
 
 # A process pool's workers each load the model once (`init_worker`), then encode batches.
-_worker: Tokenizer | None = None
+_worker: "Tokenizer | HFTokenizer | None" = None
 
 
 def init_worker(model: bytes) -> None:
     global _worker
-    _worker = Tokenizer(model)
+    _worker = from_bytes(model)
 
 
 def encode_documents(texts: list[str]) -> list[np.ndarray]:
     """[num_docs] texts -> [num_docs] int32 arrays of token ids, in the worker's tokenizer."""
     assert _worker is not None, "init_worker was not called in this process"
     return [np.asarray(ids, np.int32) for ids in _worker.encode_batch(texts)]
+
+
+# Hugging Face tokenizer.json (Llama 3, GPT-2, ... as imported by heft convert).
+
+# A tokenizer.json does not say which of its special tokens begins or ends a text (transformers
+# reads that from tokenizer_config.json); heft takes BOS from the post-processor's template (what
+# Llama 3 puts first) and otherwise both from these names, the conventions of the model families.
+BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
+EOS_NAMES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|im_end|>")
+PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
+UNK_NAMES = ("<unk>", "[UNK]", "<|unk|>")
+
+
+def _template_first(spec: dict) -> str | None:
+    """The special token a TemplateProcessing post-processor puts first in a single text, if any."""
+    processors = spec.get("processors", [spec]) if spec.get("type") == "Sequence" else [spec]
+    for p in processors:
+        if p.get("type") == "TemplateProcessing" and p.get("single"):
+            first = p["single"][0]
+            if "SpecialToken" in first:
+                return first["SpecialToken"]["id"]
+    return None
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json, through the `tokenizers` library, with `Tokenizer`'s interface.
+
+    `encode` adds no special tokens (heft leads every document with its own start token, as the
+    store and the prompts do); `decode` drops special tokens, as sentencepiece drops its control ids.
+    Special ids are -1 where the file has none (see BOS_NAMES).
+    """
+
+    def __init__(self, model: bytes):
+        import json
+
+        from tokenizers import Tokenizer as _Tokenizer
+
+        try:
+            self._tok = _Tokenizer.from_str(model.decode("utf-8"))
+        except Exception as e:  # the Rust parser raises plain Exceptions
+            raise DataError(f"the tokenizer.json cannot be read by the tokenizers library ({str(e)[:200]}); "
+                            "pass the file as saved by transformers or tokenizers") from None
+        spec = json.loads(model)
+        special = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        first = _template_first(spec.get("post_processor") or {})
+        self.bos_id: int = self._tok.token_to_id(first) if first else self._named(special, BOS_NAMES)
+        self.eos_id: int = self._named(special, EOS_NAMES)
+        if self.eos_id < 0 and len(special) == 1:  # a single special token ends texts (GPT-2-like)
+            self.eos_id = next(iter(special.values()))
+        self.pad_id: int = self._named(special, PAD_NAMES)
+        self.unk_id: int = self._named(special, UNK_NAMES)
+
+    @staticmethod
+    def _named(special: dict, names: tuple[str, ...]) -> int:
+        return next((special[n] for n in names if n in special), -1)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def piece(self, i: int) -> str:
+        return self._tok.id_to_token(int(i))
+
+    @staticmethod
+    def normalize(text: str) -> str:
+        """What `decode(encode(text))` returns for a byte-level BPE without a normalizer: the text."""
+        return text

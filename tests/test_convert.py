@@ -293,11 +293,11 @@ def test_sentencepiece_tokenizer_is_imported_and_exported_with_the_weights(tmp_p
     assert json.load(open(os.path.join(exported, "config.json")))["bos_token_id"] == sp.bos_id()
 
 
-def test_byte_level_bpe_tokenizer_is_refused_with_a_note(gpt2, tmp_path):
+def test_vocab_and_merges_without_tokenizer_json_are_left_behind_with_a_note(gpt2, tmp_path):
     (tmp_path / "vocab.json").write_text("{}")
     (tmp_path / "merges.txt").write_text("")
     path, note = find_tokenizer(str(tmp_path))
-    assert path is None and "byte-level BPE" in note and "sentencepiece" in note
+    assert path is None and "vocab.json and merges.txt" in note and "tokenizer.json" in note
 
 
 # Errors name the problem and the fix.
