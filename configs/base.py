@@ -136,4 +136,11 @@ def get_config() -> ml_collections.ConfigDict:
     k.allow_data_change = False
     k.signing_key = ""  # an ed25519 private key (PEM) that signs each seal; "" signs nothing
     k.verify_key = ""  # its public key: restore only checkpoints whose seal it verifies
+
+    # Weight-only quantization (qwix): what `heft quantize` writes (its checkpoint's config says what
+    # its integers are), or, with qat, what training fake-quantizes so that quantizing later costs less.
+    q = c.quantize = ml_collections.ConfigDict()
+    q.weights = "none"  # none | int8 | int4
+    q.group_size = 0  # 0: one scale per output channel; N: one per N inputs (must divide width, head_dim, mlp_width)
+    q.qat = False  # train with the weights fake-quantized to quantize.weights (straight-through gradients)
     return c

@@ -4,25 +4,32 @@ The held-out split is the data config's (the embedded corpus's last documents by
 `--corpus` evaluates other text with the checkpoint's own tokenizer.
 """
 
+import functools
 import math
 
 from heft.model.checks import ConfigError
 from heft.train.checks import check_mesh_fields
 
 
-def evaluate(config, params, mesh, prepared, batches: int = 0) -> dict:
-    """Loss per token (nats), perplexity and bits per UTF-8 byte of the held-out split."""
+def evaluate(config, params, mesh, prepared, batches: int = 0, bind=None) -> dict:
+    """Loss per token (nats), perplexity and bits per UTF-8 byte of the held-out split.
+    `bind(model config, params)` makes the model when it is not the float decoder (a quantized
+    checkpoint's: heft.quantize.model.binder)."""
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
 
     from heft.data import loader as data_loader
     from heft.data import tokenizer as tokenizers
-    from heft.train import compiled, sharding
+    from heft.train import compiled, sharding, step
 
     tok = tokenizers.load(prepared.tokenizer_path)
     with sharding.activated(mesh, config):
-        eval_fn = compiled.eval_step(config, mesh)
+        if bind is None:
+            eval_fn = compiled.eval_step(config, mesh)
+        else:  # the parameters' own shardings (they were placed on `mesh` when loaded)
+            eval_fn = jax.jit(functools.partial(step.loss_sums, config, bind=bind),
+                              out_shardings=sharding.replicated(mesh))
         total = count = 0.0
         n_bytes = 0
         for local in data_loader.heldout_batches(prepared, config.train.seq_len, config.train.batch_size,

@@ -34,6 +34,9 @@ from heft.train import custody, hosts, manifest, storage
 from heft.train.manifest import CheckpointError
 
 TOKENIZER = "tokenizer.model"
+# A checkpoint carries its tokenizer under the name of its kind: sentencepiece's tokenizer.model, or
+# Hugging Face's tokenizer.json (imported Llama 3, GPT-2...); `tokenizer_file` tells them apart.
+TOKENIZERS = (TOKENIZER, "tokenizer.json")
 ITEMS = ("state", "data", "facts")
 _TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 # Model fields that decide the parameters' shapes, dtypes or meaning: a checkpoint's must match.
@@ -69,6 +72,17 @@ def data_facts(prepared) -> dict:
     }
 
 
+def tokenizer_file(data: bytes) -> str:
+    """The name a checkpoint keeps tokenizer bytes under: tokenizer.json for JSON, else tokenizer.model."""
+    return TOKENIZERS[1] if data.lstrip()[:1] == b"{" else TOKENIZER
+
+
+def _tokenizer_in(directory, files) -> str | None:
+    """The path of the tokenizer a checkpoint's manifest lists, or None."""
+    name = next((n for n in TOKENIZERS if n in files), None)
+    return str(directory / name) if name else None
+
+
 def _tokenizer_bytes(prepared) -> bytes | None:
     p = getattr(prepared, "tokenizer_path", None) if prepared is not None else None
     return storage.path(p).read_bytes() if p and storage.path(p).exists() else None
@@ -89,7 +103,10 @@ def _seal_facts(facts: dict) -> tuple[dict, dict]:
     """(manifest facts, extra files to write beside the data) from a save's facts item."""
     facts = dict(facts)
     tokenizer = facts.pop("tokenizer_base64", None)
-    return facts, ({TOKENIZER: base64.b64decode(tokenizer)} if tokenizer else {})
+    if not tokenizer:
+        return facts, {}
+    data = base64.b64decode(tokenizer)
+    return facts, {tokenizer_file(data): data}
 
 
 def _diff(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -118,8 +135,7 @@ class Resume:
 
     @property
     def tokenizer_path(self) -> str | None:
-        p = self.directory / TOKENIZER
-        return str(p) if TOKENIZER in self.manifest["files"] else None
+        return _tokenizer_in(self.directory, self.manifest["files"])
 
 
 class Checkpointer:
@@ -397,7 +413,8 @@ def save_params(directory: str, config, params: dict, tokenizer_path: str | None
         ckptr.wait_until_finished()
     extra = {"config.json": config_to_json(config).encode()}
     if tokenizer_path:
-        extra[TOKENIZER] = storage.path(tokenizer_path).read_bytes()
+        data = storage.path(tokenizer_path).read_bytes()
+        extra[tokenizer_file(data)] = data
     all_facts = {"config": _config_dict(config), "code_version": manifest.code_version(), **facts}
     custody.seal(directory, all_facts, jax.process_index(), jax.process_count(), extra_files=extra)
     hosts.barrier("params saved")
@@ -464,10 +481,12 @@ def read_config(directory) -> ml_collections.ConfigDict:
     return config_from_json(json.dumps(manifest.read(resolve(directory))["config"]))
 
 
-def load_params(directory, mesh=None, verify: bool = True, config=None):
+def load_params(directory, mesh=None, verify: bool = True, config=None, target=None):
     """(config, params, tokenizer path or None) from any checkpoint, placed on `mesh` if given
     (default: `serving_mesh`). `config` replaces the checkpoint's own (e.g. with another mesh or
-    batch size); its model fields must match."""
+    batch size); its model fields must match. `target(config, mesh)` gives the tree of
+    ShapeDtypeStructs (with shardings) to read instead of the model's float parameters: a
+    quantized checkpoint's integers and scales (heft.quantize)."""
     from heft.model.decoder import abstract_params
     from heft.train import sharding
 
@@ -479,17 +498,23 @@ def load_params(directory, mesh=None, verify: bool = True, config=None):
     if config is None:
         config = config_from_json(json.dumps(facts["config"]))
     mesh = mesh if mesh is not None else serving_mesh(config)
-    shardings = sharding.param_dict_shardings(config.model, mesh, config)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            abstract_params(config.model), shardings)
+    if target is not None:
+        abstract = target(config, mesh)
+    else:
+        shardings = sharding.param_dict_shardings(config.model, mesh, config)
+        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                abstract_params(config.model), shardings)
     if (directory / "params").is_dir():
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(directory / "params", abstract)
     else:  # a training checkpoint: read only the parameters out of the train state
+    quantized = config.get("quantize", {}).get("weights", "none")
+    if target is None and quantized != "none" and not config.quantize.get("qat", False):
+        raise CheckpointError(f"{directory} holds {quantized} weights (heft quantize); heft eval and heft generate "
+                              "read it, everything else needs the float checkpoint it was quantized from")
         restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), abstract)
         with ocp.PyTreeCheckpointer() as ckptr:
             state = ckptr.restore(directory / "state", args=ocp.args.PyTreeRestore(
                 item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True))
         params = state["params"]
-    tokenizer = directory / TOKENIZER
-    return config, params, (str(tokenizer) if TOKENIZER in facts["files"] else None)
+    return config, params, _tokenizer_in(directory, facts["files"])

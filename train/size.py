@@ -6,6 +6,7 @@ optimizer's state and an activation estimate) and training FLOPs per token.
 
 import math
 
+import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
@@ -13,6 +14,16 @@ from heft.model import checks, decoder
 from heft.train.optimizer import state_bytes_per_param
 
 BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
+
+
+def bytes_by_dtype(tree) -> dict[str, float]:
+    """Bytes of the arrays (or ShapeDtypeStructs) in `tree`, summed per dtype name, largest first;
+    int4 counts half a byte per value (as heft stores it: two to a byte)."""
+    out: dict[str, float] = {}
+    for x in jax.tree.leaves(tree):
+        name = jnp.dtype(x.dtype).name
+        out[name] = out.get(name, 0) + math.prod(x.shape) * (0.5 if name == "int4" else jnp.dtype(x.dtype).itemsize)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def abstract_params(m) -> dict:
@@ -50,8 +61,13 @@ def activation_bytes_per_token(m, seq_len: int) -> float:
     return m.depth * per_layer + 2 * 4 * m.vocab  # plus float32 logits and their gradient
 
 
-def report(config, batch: int | None = None, seq_len: int | None = None) -> dict:
-    """Everything `heft size` prints, as a dict of plain numbers."""
+def report(config, batch: int | None = None, seq_len: int | None = None, quantized: dict | None = None) -> dict:
+    """Everything `heft size` prints, as a dict of plain numbers.
+
+    quantized: {label: abstract parameter tree} of quantized variants (heft.quantize builds them);
+      their bytes replace the `bytes` entry of that label (else every parameter at that width) and
+      `bytes_by_dtype` breaks them down (integers, scales, and what stays float).
+    """
     m = config.model
     checks.check_model(m)
     batch = batch or config.train.batch_size
@@ -81,7 +97,11 @@ def report(config, batch: int | None = None, seq_len: int | None = None) -> dict
         "embedding_params": embedding,
         "non_embedding_params": total - embedding,
         "components": components,
-        "bytes": {k: total * v for k, v in BYTES.items()},
+        # Without quantized trees, int8 and int4 count every parameter at that width (an estimate).
+        "bytes": {k: total * v for k, v in BYTES.items() if not quantized or k in ("fp32", "bf16")}
+                 | {k: sum(bytes_by_dtype(t).values()) for k, t in (quantized or {}).items()},
+        "bytes_by_dtype": {"fp32": {"float32": total * 4}, "bf16": {"bfloat16": total * 2}}
+                          | {k: bytes_by_dtype(t) for k, t in (quantized or {}).items()},
         "batch": batch,
         "seq_len": seq_len,
         "remat": m.remat,
@@ -109,7 +129,10 @@ def table(r: dict) -> str:
             "by component"]
     rows += [f"  {k:<15} {v:>16,}" for k, v in sorted(r["components"].items())]
     rows.append("storage")
-    rows += [f"  {k:<15} {_gib(v):>16}" for k, v in r["bytes"].items()]
+    for k, v in r["bytes"].items():
+        parts = r.get("bytes_by_dtype", {}).get(k, {})
+        detail = f"  ({', '.join(f'{d} {_gib(b)}' for d, b in parts.items())})" if len(parts) > 1 else ""
+        rows.append(f"  {k:<15} {_gib(v):>16}{detail}")
     rows.append(f"training memory at batch {r['batch']} x length {r['seq_len']}, remat={r['remat']} "
                 "(all devices together)")
     rows += [f"  {k:<15} {_gib(v):>16}" for k, v in r["training_bytes"].items()]

@@ -21,8 +21,9 @@ def init_state(config) -> dict:
     }
 
 
-def loss_sums(config, params, batch):
-    """(sum of weighted next-token losses, sum of weights) over a batch of [batch, length] arrays."""
+def loss_sums(config, params, batch, bind=bind):
+    """(sum of weighted next-token losses, sum of weights) over a batch of [batch, length] arrays.
+    `bind(model config, params)` makes the model (another for quantized parameters: heft.quantize)."""
     model = bind(config.model, params)
     logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])

@@ -1,5 +1,9 @@
 """`heft eval --checkpoint=DIR [--mesh=1,2,2] [--corpus=...] [--json]`: held-out loss, perplexity and bits
-per byte of any checkpoint, on any mesh (eval/heldout.py)."""
+per byte of any checkpoint, float or quantized, on any mesh (eval/heldout.py).
+
+`heft eval --checkpoint=DIR --tasks=heft_shakespeare_cloze,hellaswag [--limit=N]` runs tasks of
+lm-evaluation-harness instead (eval/harness.py; `pip install "heft[eval]"`), writes their results
+as JSON beside the checkpoint and prints one table."""
 
 import json
 import sys
@@ -19,6 +23,10 @@ def define_flags():
     flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes, e.g. 1,2,4 (default: fsdp over all devices)")
     flags.DEFINE_bool("skip_verify", False, "restore without checking the manifest's hashes")
     flags.DEFINE_bool("json", False, "print one JSON object")
+    flags.DEFINE_list("tasks", [], "lm-evaluation-harness tasks to run instead of the held-out loss, e.g. "
+                      "heft_shakespeare_cloze (offline) or hellaswag,arc_easy (need the internet)")
+    flags.DEFINE_integer("limit", None, "with --tasks: at most this many examples per task")
+    flags.DEFINE_integer("num_fewshot", None, "with --tasks: examples shown before each question (default: the task's)")
 
 
 def check_flags(f) -> None:
@@ -30,6 +38,13 @@ def check_flags(f) -> None:
                           "(0 means the whole split and the checkpoint's batch size)")
     if f.mesh:
         parse_mesh(f.mesh)
+    if f.tasks:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise ConfigError('--tasks needs lm-evaluation-harness: pip install "heft[eval]"') from None
+        if f.limit is not None and f.limit < 1:
+            raise ConfigError(f"--limit={f.limit} must be at least 1 (or left out for every example)")
 
 
 def main(argv):
@@ -37,6 +52,7 @@ def main(argv):
     f = flags.FLAGS
     check_flags(f)  # before the imports that take seconds
     from heft.data import processes as data_processes
+    from heft.quantize.checkpoint import load_any
     from heft.train import checkpoint, checks, sharding
 
     directory = checkpoint.resolve(f.checkpoint)
@@ -49,15 +65,38 @@ def main(argv):
         config.data.corpus = f.corpus
     mesh = sharding.make_mesh(config) if f.mesh else checkpoint.serving_mesh(config)
     checks.check_batch(config, mesh.shape, config.train.batch_size, "--batch_size")  # before the slow load
-    config, params, tokenizer_path = checkpoint.load_params(directory, mesh=mesh, verify=not f.skip_verify,
-                                                            config=config)
+    # A float or a quantized checkpoint (heft quantize): `bind` makes the model either holds.
+    config, params, tokenizer_path, bind = load_any(directory, mesh=mesh, verify=not f.skip_verify, config=config)
+    if f.tasks:
+        return run_tasks(f, directory, config, params, tokenizer_path, mesh, bind)
     # The checkpoint's own tokenizer decides the ids; without one (a checkpoint saved outside
     # heft train), the data config's tokenizer is rebuilt as training built it.
     prepared = data_processes.prepare_for_processes(config, tokenizer_path=tokenizer_path, progress=sys.stderr.isatty())
-    result = evaluate(config, params, mesh, prepared, f.batches)
+    result = evaluate(config, params, mesh, prepared, f.batches, bind=bind)
     if f.json:
         print(json.dumps(result))
     else:
         print(f"held-out loss {result['eval_loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
               f"{result['bits_per_byte']:.4f} bits/byte over {result['tokens']:,} tokens "
               f"({result['bytes']:,} bytes) on mesh {dict(mesh.shape)}")
+
+
+def run_tasks(f, directory, config, params, tokenizer_path, mesh, bind) -> None:
+    """lm-evaluation-harness tasks on the loaded checkpoint; results beside it and in one table."""
+    import jax
+
+    from heft.data import tokenizer as tokenizers
+    from heft.eval import harness
+    from heft.quantize import rules
+
+    if tokenizer_path is None:
+        raise CheckpointError(f"{directory} holds no tokenizer (tokenizer.model or tokenizer.json); the harness "
+                              "gives text, so it needs one: save the checkpoint with its tokenizer")
+    harness.task_manager(f.tasks)  # an unknown task stops here, before anything compiles
+    lm = harness.HeftLM(config, params, tokenizers.load(tokenizer_path), mesh, bind=bind,
+                        batch_size=f.batch_size or 16)
+    summary = harness.summary(harness.evaluate(lm, f.tasks, f.limit, f.num_fewshot))
+    weights = rules.describe(config) if rules.is_quantized(config) else config.model.param_dtype
+    if jax.process_index() == 0:
+        path = harness.write_results(directory, summary, weights=weights, limit=f.limit)
+        print(json.dumps(summary) if f.json else f"{harness.table(summary)}\nresults: {path}")

@@ -24,19 +24,21 @@ def main(argv):
     del argv
     f = flags.FLAGS
     from heft.data import tokenizer as tokenizers
-    from heft.model.decoder import bind
-    from heft.train import checkpoint, sharding
+    from heft.quantize.checkpoint import load_any
+    from heft.train import sharding
     from heft.train.manifest import CheckpointError
 
     check_text(f.prompt)  # these before the slow load
     check_sampling(f.temperature, f.top_k, f.top_p)
-    config, params, tokenizer_path = checkpoint.load_params(f.checkpoint)
+    # A float or a quantized checkpoint (heft quantize): `bind` makes the model either holds.
+    config, params, tokenizer_path, bind = load_any(f.checkpoint)
     if tokenizer_path is None:
-        raise CheckpointError(f"checkpoint {f.checkpoint} holds no tokenizer.model; generate needs "
-                              "one to turn text into tokens (save the checkpoint with its tokenizer)")
+        raise CheckpointError(f"checkpoint {f.checkpoint} holds no tokenizer (tokenizer.model or tokenizer.json); "
+                              "generate needs one to turn text into tokens (save the checkpoint with its tokenizer)")
     tok = tokenizers.load(tokenizer_path)
     # As in training, a prompt is led by the token that leads every document (data.document_start:
-    # EOS in heft's token store, BOS for imported Llama tokenizers); it ends at the next EOS.
+    # EOS in heft's token store, BOS for imported Llama tokenizers); it ends at the next EOS. A
+    # tokenizer.json is read by the tokenizers library, a tokenizer.model by sentencepiece.
     eos_id = tok.eos_id
     start_id = tok.bos_id if config.data.get("document_start", "eos") == "bos" else tok.eos_id
     prompts = [[start_id] + tok.encode(text) for text in f.prompt]

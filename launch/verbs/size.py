@@ -20,5 +20,23 @@ def define_flags():
 def main(argv):
     del argv
     f = flags.FLAGS
-    r = size.report(f.config, f.batch, f.seq_len)
+    r = size.report(f.config, f.batch, f.seq_len, quantized=_quantized(f.config))
     print(json.dumps(r) if f.json else size.table(r))
+
+
+def _quantized(config) -> dict:
+    """{label: abstract quantized parameters} for int8 and int4 at the config's quantize.group_size
+    (qwix builds the structure abstractly: nothing is allocated). Empty without qwix installed."""
+    try:
+        import qwix  # noqa: F401
+    except ImportError:
+        return {}
+    from heft.quantize import model, rules
+
+    out = {}
+    for weights in ("int8", "int4"):
+        c = config.copy_and_resolve_references()
+        c.quantize.update(weights=weights, qat=False)
+        label = f"{weights}/g{c.quantize.group_size}" if c.quantize.group_size else weights
+        out[label] = model.abstract_params(c)
+    return out
