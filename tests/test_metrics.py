@@ -27,6 +27,18 @@ def test_a_resume_drops_the_rows_of_redone_steps_and_says_how_many(tmp_path):
     assert rows[5] == {"step": 5, "resumed": True, "redone_steps": 2} and rows[6]["loss"] == 6.5
 
 
+def test_a_resume_counts_the_training_time_of_redone_steps_as_lost_and_keeps_a_cut_short_save(tmp_path):
+    w = metrics.Writer(tmp_path)
+    for step in range(1, 8):
+        w.write(step, {"loss": float(step), "train_s": 0.25 * step})
+    w.write(7, {"checkpoint_s": 3.0})  # a save that never committed
+    w.close()
+    w = metrics.Writer(tmp_path, start_step=5)
+    w.close()
+    assert _rows(tmp_path)[-1] == {"step": 5, "resumed": True, "redone_steps": 2, "redone_s": 0.25 * (6 + 7),
+                                   "checkpoint_s": 3.0}
+
+
 def test_a_tensorboard_thread_that_dies_of_a_full_disk_raises_in_the_next_write_instead_of_hanging(tmp_path, capsys):
     w = metrics.Writer(tmp_path)
     w.write(1, {"loss": 1.0})

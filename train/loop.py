@@ -12,7 +12,7 @@ import numpy as np
 
 from heft.data import loader as data_loader
 from heft.data import processes as data_processes
-from heft.train import checkpoint, checks, compiled, hosts, lock, metrics, peak, sharding, size, storage
+from heft.train import checkpoint, checks, compiled, goodput, hosts, lock, metrics, peak, sharding, size, storage
 
 
 class NonFiniteLoss(RuntimeError):
@@ -108,7 +108,9 @@ def _train(config, workdir, mesh, stop_requested, held, compile_checked) -> dict
     ckpt.prepared = prepared
 
     abstract = compiled.abstract_state(config, mesh)
+    checked_start = time.perf_counter()  # the TPU fit check compiles the step: compilation time
     step_fn = compile_checked(config, mesh) if compile_checked is not None else None
+    checked_s = time.perf_counter() - checked_start
     loader_state = None
     if resume is None:
         state = compiled.init_state(config, mesh)
@@ -129,13 +131,14 @@ def _train(config, workdir, mesh, stop_requested, held, compile_checked) -> dict
         compile_start = time.perf_counter()
         if step_fn is None:
             step_fn = compiled.train_step(config, mesh).lower(abstract, compiled.abstract_batch(config, mesh)).compile()
-        compile_s = time.perf_counter() - compile_start
+        compile_s = time.perf_counter() - compile_start + checked_s
         eval_fn = compiled.eval_step(config, mesh)
 
     loader = make_loader(config, prepared)
     if loader_state is not None:
         loader.restore(loader_state)
     writer = metrics.Writer(workdir, start)
+    writer.write(start, goodput.startup_row(compile_s))
     progress = metrics.Progress(t.steps, start)
     if resume is not None:
         progress.note(f"resumed from step {start} in {ckpt.directory}")
@@ -143,7 +146,7 @@ def _train(config, workdir, mesh, stop_requested, held, compile_checked) -> dict
                   f"step compiled in {compile_s:.1f} s")
 
     losses, eval_loss, skipped = [], None, 0
-    interval_start, interval_steps = time.perf_counter(), 0
+    interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0  # paused: evals and saves
     step = start
     last = {}
     pending = None  # the previous step's metrics: checked one step late so dispatch stays ahead
@@ -162,7 +165,7 @@ def _train(config, workdir, mesh, stop_requested, held, compile_checked) -> dict
                 if held is not None:
                     held.check()
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "finite"}
-                elapsed = time.perf_counter() - interval_start
+                elapsed = time.perf_counter() - interval_start - paused
                 step_time = elapsed / interval_steps
                 values.update(
                     tokens_per_s=tokens_per_step / step_time,
@@ -170,27 +173,33 @@ def _train(config, workdir, mesh, stop_requested, held, compile_checked) -> dict
                     mfu=flops_per_step / step_time / peak_flops,
                     memory_gb=metrics.memory_in_use_bytes() / 2**30,
                     tokens_seen=step * tokens_per_step,
+                    train_s=elapsed,  # goodput: seconds in steps since the previous row
                 )
                 losses.append(values["loss"])
                 writer.write(step, values)
                 progress.update(step, values)
                 last = values
-                interval_start, interval_steps = time.perf_counter(), 0
+                interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
             if step % t.eval_every == 0 or step == t.steps:
-                eval_loss = heldout_loss(config, mesh, eval_fn, state["params"], prepared)
-                writer.write(step, {"eval_loss": eval_loss})
+                eval_loss, eval_s = goodput.timed(
+                    state, lambda: heldout_loss(config, mesh, eval_fn, state["params"], prepared))
+                writer.write(step, {"eval_loss": eval_loss, "eval_s": eval_s})
                 progress.note(f"step {step}: held-out loss {eval_loss:.4f}")
-                interval_start, interval_steps = time.perf_counter(), 0  # eval time is not step time
+                paused += eval_s  # eval time is not step time
             if stop_requested(step) and step < t.steps:
-                ckpt.save(step, state, loader.state())
-                ckpt.close()
+                _, save_s = goodput.timed(state, lambda: (ckpt.save(step, state, loader.state()), ckpt.close()))
+                writer.write(step, {"checkpoint_s": save_s})
                 progress.note(f"stopped at step {step}: checkpoint saved in {ckpt.directory}")
-                return {"stopped_at": step}
+                return {"stopped_at": step, "goodput": goodput.summarize(writer.rows())}
             if step % t.checkpoint_every == 0 or step == t.steps:
-                ckpt.save(step, state, loader.state())
+                _, save_s = goodput.timed(state, lambda: ckpt.save(step, state, loader.state()))
+                writer.write(step, {"checkpoint_s": save_s})
+                paused += save_s
         if pending is not None:
             skipped += _check_finite(pending, t, progress)
-        ckpt.close()
+        _, close_s = goodput.timed(state, ckpt.close)  # the last save, finishing in the background
+        writer.write(step, {"checkpoint_s": close_s})
+        run_goodput = goodput.summarize(writer.rows())
     except Exception as e:
         if storage.no_space(e):
             raise ckpt.out_of_space(e, writer_path=getattr(writer, "path", None)) from None
@@ -216,6 +225,7 @@ def _train(config, workdir, mesh, stop_requested, held, compile_checked) -> dict
         "compile_s": compile_s,
         "skipped_steps": skipped,
         "peak_flops": peak_flops,
+        "goodput": run_goodput,
     }
 
 

@@ -8,7 +8,7 @@ import time
 
 import jax
 
-from heft.train import storage
+from heft.train import goodput, storage
 
 
 def memory_in_use_bytes() -> int:
@@ -24,7 +24,9 @@ class Writer:
     TensorBoard (WORKDIR/tensorboard). Only process 0 writes.
 
     On resume from step S, rows of later steps (written before a crash, then redone) are dropped,
-    and a row {"step": S, "resumed": true, "redone_steps": N} records the lost work. A gs:// workdir
+    and a row {"step": S, "resumed": true, "redone_steps": N, "redone_s": T, ...} records the lost
+    work: the dropped rows' training time as `redone_s`, their other timings as they were
+    (train/goodput.py). A gs:// workdir
     cannot be appended to, so there the file is rewritten whole, at most every `flush_s` seconds
     and at close.
     """
@@ -45,7 +47,9 @@ class Writer:
         self.jsonl = None if self.remote else open(self.path, "a")
         if start_step or len(kept) != len(lines):
             redone = max((_step_of(line) for line in lines), default=start_step) - start_step
-            self._append(json.dumps({"step": start_step, "resumed": True, "redone_steps": max(redone, 0)}))
+            dropped = [_row(line) for line in lines if _step_of(line) > start_step]
+            self._append(json.dumps({"step": start_step, "resumed": True, "redone_steps": max(redone, 0),
+                                     **goodput.lost(dropped)}))
         from tensorboardX import SummaryWriter
 
         # tensorboardX writes from a thread through a bounded queue: if that thread dies (a full disk),
@@ -64,6 +68,13 @@ class Writer:
         else:
             self.jsonl.write(line + "\n")
             self.jsonl.flush()
+
+    def rows(self) -> list[dict]:
+        """Every object in metrics.jsonl so far, earlier sessions' and this one's (process 0; [] elsewhere)."""
+        if not self.active:
+            return []
+        lines = self.lines if self.remote else self.path.read_text().splitlines()
+        return [row for row in map(_row, lines) if row]
 
     def flush(self) -> None:
         if self.active and self.remote:
@@ -109,6 +120,14 @@ def _step_of(line: str) -> int:
         return int(json.loads(line).get("step", 0))
     except (ValueError, AttributeError):
         return 0
+
+
+def _row(line: str) -> dict:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return {}
+    return row if isinstance(row, dict) else {}
 
 
 class Progress:
