@@ -15,8 +15,8 @@ _AUTO_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 def _several_processes_from_env() -> bool:
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return True
-    if any(int(os.environ.get(k, "1") or 1) > 1 for k in _AUTO_ENV):
-        return True
+    if any(int(os.environ.get(k, "1") or 1) > 1 for k in _AUTO_ENV + ("MEGASCALE_NUM_SLICES",)):
+        return True  # several SLURM or MPI tasks; several TPU slices (each may be one host)
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     return "," in hosts  # a multi-host TPU slice
 

@@ -1,0 +1,81 @@
+"""What `heft launch` checks before it books anything: the config, the workdir every host must reach,
+and, for a TPU slice, that the step fits it (the TPU plan's compile). Each failure is one line that
+names the fix; each pass is a note.
+"""
+
+import os
+
+from heft.model.checks import ConfigError
+from heft.train import checks, sharding, storage
+
+# Filesystems that several machines mount as one (/proc/mounts' type column).
+SHARED_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "cephfs", "glusterfs",
+                      "fuse.gcsfuse", "fuse.glusterfs", "fuse.ceph", "fuse.beegfs", "9p", "virtiofs", "wekafs", "pvfs2"}
+
+
+def check_config(job, devices: int | None = None) -> str:
+    """The config's own checks, and with `devices`, the mesh and the batch over that many devices."""
+    checks.check_config(job.config)
+    if any(a.startswith("--config") for a in job.extra):
+        raise ConfigError("config overrides after `--` reach the hosts but not these checks; put them before `--`")
+    if devices is None:
+        return "config ok"
+    shape = sharding.mesh_shape(job.config, devices)
+    checks.check_batch(job.config, dict(zip(sharding.AXES, shape)), job.config.train.batch_size)
+    return f"config ok on {devices} devices (mesh {dict(zip(sharding.AXES, shape))})"
+
+
+def filesystem(path: str) -> str | None:
+    """The type of the filesystem holding `path` (or its nearest existing parent), from /proc/mounts."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        with open("/proc/mounts") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best = max((m for m in mounts if real == m[0] or real.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best[1] if best else None
+
+
+def check_workdir(workdir: str, backend: str, shared_ok: bool) -> str:
+    """The workdir is one place for every host: a gs:// folder whose bucket exists, or (`shared_ok`:
+    SLURM's nodes) a path on a network filesystem."""
+    if storage.is_remote(storage.path(workdir)):
+        bucket = workdir.split("/")[2]
+        try:
+            reachable = storage.path(f"gs://{bucket}").exists()
+        except Exception as e:  # no credentials, no network: say which
+            raise ConfigError(f"--workdir={workdir}: bucket gs://{bucket} cannot be read from here "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); check your credentials "
+                              "(gcloud auth application-default login)") from None
+        if not reachable:
+            raise ConfigError(f"--workdir={workdir}: bucket gs://{bucket} does not exist; create it "
+                              f"(gcloud storage buckets create gs://{bucket}) or fix the name")
+        return f"workdir {workdir} (bucket gs://{bucket} exists)"
+    kind = filesystem(workdir)
+    if shared_ok and kind in SHARED_FILESYSTEMS:
+        return f"workdir {workdir} (on {kind}, shared by the nodes)"
+    where = "a path on a shared filesystem or " if shared_ok else ""
+    raise ConfigError(f"--workdir={workdir} is on this machine ({kind or 'local'} filesystem), which the hosts of "
+                      f"heft launch {backend} cannot all reach; use {where}a gs:// bucket, e.g. "
+                      f"--workdir=gs://BUCKET/{os.path.basename(os.path.normpath(workdir)) or 'run'}")
+
+
+def check_fit(job, topology_name: str) -> str:
+    """The TPU plan's fit check for `mesh.slices` slices of the named topology: the real step
+    compiled for the slice's chips (launch/plan.py). Stops with the plan's table when it does not fit."""
+    from heft.launch import plan, topology
+
+    topology.parse(topology_name)
+    if not topology.libtpu_available():
+        raise ConfigError(f"{topology.INSTALL}, for the fit check of {topology_name}; or pass --nofit_check")
+    p = plan.plan(job.config, topology_name)
+    if not p.fits:
+        raise ConfigError(f"this run does not fit {topology_name}:\n{plan.table(p)}")
+    where = topology_name if p.slices == 1 else f"{p.slices} x {topology_name}"
+    return (f"fits {where}: {p.total / 2**30:,.2f} of {p.hbm / 2**30:,.2f} GiB per chip; predicted "
+            f"{p.step_seconds * 1e3:,.1f} ms/step, MFU {p.mfu:.1%} (heft plan for the table)")
