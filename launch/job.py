@@ -95,5 +95,5 @@ def run(steps: list[Step], note=print) -> None:
         note(f"heft launch: {s.about}: {shlex.join(s.argv)}")
         done = subprocess.run(s.argv, input=s.stdin, text=True, env=dict(os.environ))
         if done.returncode:
-            raise ConfigError(f"{s.argv[0]} failed (exit {done.returncode}) while it was to {s.about}; "
-                              "its output is above")
+            raise ConfigError(f"{s.argv[0]} failed (exit {done.returncode}) at the step '{s.about}'; its output "
+                              "is above")

@@ -102,6 +102,14 @@ def test_two_slices_of_four_devices_give_the_single_slice_logits_and_training_st
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params2, params1)
 
 
+def test_a_model_trained_on_two_slices_is_served_on_one():
+    from heft.train import checkpoint
+
+    c = _config(-1, 1, 1)
+    c.mesh.slices = 2
+    assert checkpoint.serving_mesh(c).shape == {"slices": 1, "data": 1, "fsdp": 8, "tensor": 1}
+
+
 def test_slices_that_do_not_divide_the_devices_are_a_clear_error():
     c = _config(-1, 1, 1)
     c.mesh.slices = 3

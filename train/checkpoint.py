@@ -473,6 +473,7 @@ def serving_mesh(config):
 
     config = config.copy_and_resolve_references()
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    config.mesh.slices = 1  # where it serves, not the slices it trained on
     return sharding.make_mesh(config)
 
 

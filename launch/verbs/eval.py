@@ -59,6 +59,7 @@ def main(argv):
     config = checkpoint.read_config(directory)
     if f.mesh:
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = parse_mesh(f.mesh)
+        config.mesh.slices = 1  # one slice here, whatever the run trained on
     if f.batch_size:
         config.train.batch_size = f.batch_size
     if f.corpus:
