@@ -11,8 +11,8 @@ from heft.quantize import model, rules
 
 
 def check(config) -> None:
-    """Raises ConfigError unless the quantize section asks for training with fake-quantized weights."""
-    rules.check(config)
+    """Raises ConfigError for a quantize section that training cannot follow: qat without an
+    integer type, or an integer type without qat (training keeps float weights)."""
     q = rules.section(config)
     if q["qat"] and q["weights"] == "none":
         raise ConfigError("quantize.qat=true needs quantize.weights=int8 or int4: the type to train against")
@@ -23,14 +23,17 @@ def check(config) -> None:
 
 def binder(config):
     """`(model config, params) -> model` whose matched matmul weights are fake-quantized (under jit,
-    inside the loss); the float decoder's own `bind` when quantize.qat is off."""
+    inside the loss); the float decoder's own `bind` when quantize.qat is off. The rules are made
+    for the model config given at bind time (a fine-tune's model is its base's)."""
     if not rules.section(config)["qat"]:
         return bind_float
     check(config)
     q = model.qwix()
-    provider = q.QtProvider(rules.qwix_rules(config))
+    section = rules.section(config)
 
     def bind(m, params):
+        rules.check_section(section, m)
+        provider = q.QtProvider(rules.qwix_rules(config, m=m))
         # QT creates no variables for weight-only rules, so the one pass quantize_model would make
         # to set them up is skipped.
         return q.quantize_model(bind_float(m, params), provider, model.SAMPLE_SHAPE, skip_nnx_init=True)

@@ -36,7 +36,11 @@ def contraction_widths(m) -> dict[str, int]:
 
 def check(config) -> None:
     """Raises ConfigError for the first bad field of the quantize section, before any work."""
-    q = section(config)
+    check_section(section(config), config.model)
+
+
+def check_section(q: dict, m) -> None:
+    """`check` for a quantize section `q` against model config `m` (a fine-tune's is its base's)."""
     if q["weights"] not in WEIGHTS:
         raise ConfigError(f"quantize.weights={q['weights']!r} is unknown; choose one of {', '.join(WEIGHTS)}")
     group = q["group_size"]
@@ -44,7 +48,7 @@ def check(config) -> None:
         raise ConfigError(f"quantize.group_size={group!r} must be 0 (one scale per output channel) or a positive "
                           "number of inputs per scale")
     if group:
-        for name, width in contraction_widths(config.model).items():
+        for name, width in contraction_widths(m).items():
             if width % group:
                 raise ConfigError(f"quantize.group_size={group} does not divide {name}={width}; pick a group size "
                                   f"that divides {name} (e.g. {_divisor_below(width, group)}), or 0 for one scale "
@@ -55,8 +59,9 @@ def _divisor_below(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
-def qwix_rules(config, qtype=None):
-    """The qwix QuantizationRules for the config's weights (or `qtype`, a jnp integer dtype)."""
+def qwix_rules(config, qtype=None, m=None):
+    """The qwix QuantizationRules for the config's weights (or `qtype`, a jnp integer dtype), for
+    model config `m` (default: the config's own)."""
     import jax.numpy as jnp
     import qwix
 
@@ -64,7 +69,7 @@ def qwix_rules(config, qtype=None):
     qtype = qtype if qtype is not None else {"int8": jnp.int8, "int4": jnp.int4}[q["weights"]]
     tile = q["group_size"] or None
     rules = [qwix.QuantizationRule(module_path=BLOCK_MODULES, weight_qtype=qtype, tile_size=tile)]
-    if not config.model.tied_embeddings:
+    if not (m or config.model).tied_embeddings:
         rules.append(qwix.QuantizationRule(module_path=ROOT_MODULE, weight_qtype=qtype, tile_size=tile))
     return rules
 

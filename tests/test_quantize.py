@@ -161,3 +161,36 @@ def test_quantize_verb_stops_in_one_line_on_a_bad_group_size(tmp_path, float_par
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("heft quantize: quantize.group_size=64 does not divide head_dim=32")
     assert not (tmp_path / "q").exists()
+
+
+def test_qat_trains_against_the_weights_heft_quantize_will_write(float_params):
+    from heft.quantize import qat
+    from heft.train import step
+
+    c = _config("int4", 32)
+    c.quantize.qat = True
+    tokens = TOKENS
+    batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1), "segment_ids": jnp.ones_like(tokens),
+             "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape),
+             "weights": jnp.ones(tokens.shape, jnp.float32)}
+    (loss, _), grads = jax.jit(jax.value_and_grad(
+        lambda p: step.loss_sums(c, p, batch, bind=qat.binder(c)), has_aux=True))(float_params)
+    ptq = c.copy_and_resolve_references()
+    ptq.quantize.qat = False
+    quantized = qmodel.quantize(ptq, float_params, checkpoint.serving_mesh(ptq))
+    assert float(loss) == pytest.approx(float(step.loss_sums(ptq, quantized, batch, bind=qmodel.binder(ptq))[0]),
+                                        rel=1e-6)
+    assert float(loss) != pytest.approx(float(step.loss_sums(c, float_params, batch)[0]), rel=1e-6)
+    # Straight through: every weight the rounding sees still gets a gradient.
+    for name in ("q", "k", "v", "o"):
+        assert float(jnp.abs(grads["blocks"]["attention"][name]).max()) > 0
+    assert float(jnp.abs(grads["readout"]).max()) > 0
+
+
+def test_qat_without_an_integer_type_is_refused():
+    from heft.quantize import qat
+
+    c = _config("none")
+    c.quantize.qat = True
+    with pytest.raises(ConfigError, match="quantize.qat=true needs quantize.weights=int8 or int4"):
+        qat.binder(c)
