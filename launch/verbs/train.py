@@ -57,6 +57,11 @@ def _quiet_closed_loops(default_hook):
 def main(argv):
     del argv
     f = flags.FLAGS
+    if f.config.quantize.qat or f.config.quantize.weights != "none":
+        from heft.model.checks import ConfigError
+
+        raise ConfigError("heft train trains float weights; quantization-aware training is heft finetune's "
+                          "quantize.qat=true, and heft quantize converts a trained checkpoint")
     absl_logging.get_absl_handler().addFilter(_OrbaxErrorsRaisedAnyway())
     sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
     from heft.launch import distributed
