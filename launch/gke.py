@@ -52,7 +52,7 @@ def environment(slices: int) -> list[dict]:
 def manifest(job: Job, name: str, image: str, topo, slices: int = 1, max_restarts: int = 3) -> str:
     """The ConfigMap and the JobSet, as one YAML stream."""
     if not image:
-        raise ConfigError("heft launch gke needs --image: a container image with heft installed "
+        raise ConfigError("gke needs --image: a container image with heft installed "
                           "(e.g. pip install 'heft[tpu]' on a JAX TPU image)")
     vms, chips = hosts(topo)
     file = os.path.basename(job.config_path)
@@ -119,7 +119,7 @@ def xpk_steps(job: Job, name: str, image: str, topo, cluster: str, zone: str, pr
     """The same workload through xpk, which writes its own JobSet."""
     for flag, value in (("image", image), ("cluster", cluster), ("zone", zone), ("project", project)):
         if not value:
-            raise ConfigError(f"heft launch gke --xpk needs --{flag}")
+            raise ConfigError(f"gke --xpk needs --{flag}")
     folder = os.path.dirname(os.path.abspath(job.config_path))
     # xpk builds --script-dir into the image at /app, the command's working directory.
     command = shlex.join(job.train_argv(job.remote_config(os.path.basename(job.config_path))))

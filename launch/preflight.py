@@ -61,7 +61,7 @@ def check_workdir(workdir: str, backend: str, shared_ok: bool) -> str:
         return f"workdir {workdir} (on {kind}, shared by the nodes)"
     where = "a path on a shared filesystem or " if shared_ok else ""
     raise ConfigError(f"--workdir={workdir} is on this machine ({kind or 'local'} filesystem), which the hosts of "
-                      f"heft launch {backend} cannot all reach; use {where}a gs:// bucket, e.g. "
+                      f"a {backend} launch cannot all reach; use {where}a gs:// bucket, e.g. "
                       f"--workdir=gs://BUCKET/{os.path.basename(os.path.normpath(workdir)) or 'run'}")
 
 

@@ -140,8 +140,10 @@ def _name(layout) -> str:
 
 def table(s: Search) -> str:
     ranked = s.ranked
-    rows = [f"{s.config} on {s.topology}: {len(ranked)} of {len(s.plans)} compiled configurations fit "
-            "(roofline predictions, no communication; best MFU first)",
+    k = s.plans[0].slices if s.plans else 1
+    where, network = (s.topology, "no communication") if k == 1 else (f"{k} slices of {s.topology}", "DCN, no ICI")
+    rows = [f"{s.config} on {where}: {len(ranked)} of {len(s.plans)} compiled configurations fit "
+            f"(roofline predictions, {network}; best MFU first)",
             f"{'#':>3} {'data':>5} {'fsdp':>5} {'tens':>5} {'remat':<13}{'micro':>6} {'GiB/chip':>9} {'HBM':>5} "
             f"{'ms/step':>9} {'tok/s/chip':>11} {'MFU':>6}  overrides"]
     for i, p in enumerate(ranked, 1):

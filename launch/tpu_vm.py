@@ -34,7 +34,7 @@ def steps(job: Job, tpu: str, zone: str, project: str, topo, slices: int = 1, qu
           runtime_version: str | None = None, setup: str | None = None) -> list[Step]:
     for flag, value in (("tpu", tpu), ("zone", zone), ("project", project)):
         if not value:
-            raise ConfigError(f"heft launch tpu-vm needs --{flag}: the TPU's name, zone and project")
+            raise ConfigError(f"tpu-vm needs --{flag}: the TPU's name, zone and project")
     where = [f"--zone={zone}", f"--project={project}"]
     # One slice is a TPU VM; several are the nodes of one queued resource, reached through it.
     group = (["gcloud", "compute", "tpus", "tpu-vm"], ["--worker=all"]) if slices == 1 else \

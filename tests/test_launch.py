@@ -129,7 +129,7 @@ def test_a_local_workdir_for_a_multihost_backend_is_a_one_line_error_naming_the_
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("heft launch: --workdir=runs/x is on this machine (") and last.endswith(
-        "filesystem), which the hosts of heft launch gke cannot all reach; use a gs:// bucket, e.g. "
+        "filesystem), which the hosts of a gke launch cannot all reach; use a gs:// bucket, e.g. "
         "--workdir=gs://BUCKET/x")
 
 

@@ -68,7 +68,7 @@ def main(argv):
     f = flags.FLAGS
     backend, extra = (argv[1], argv[2:]) if len(argv) > 1 else (None, [])
     if backend not in BACKENDS:
-        raise ConfigError(f"heft launch needs a backend first: one of {', '.join(BACKENDS)} "
+        raise ConfigError(f"a backend comes first: one of {', '.join(BACKENDS)} "
                           f"(e.g. heft launch local --processes=2 --workdir=runs/x); got {backend!r}")
     if not f.workdir:
         raise ConfigError("--workdir is required: where the run's checkpoints and metrics go (gs://BUCKET/... "
@@ -105,7 +105,7 @@ def plan_launch(backend: str, job, f) -> tuple[list, str]:
     topo = None
     if backend in ("tpu-vm", "gke"):
         if not f.topology:
-            raise ConfigError(f"heft launch {backend} needs --topology: the TPU slice, e.g. --topology=v5p:2x2x2 "
+            raise ConfigError(f"{backend} needs --topology: the TPU slice, e.g. --topology=v5p:2x2x2 "
                               "(it sets the fit check, the accelerator type and the hosts)")
         topo = topology.parse(f.topology)
     slices = job.config.mesh.slices
