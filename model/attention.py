@@ -2,6 +2,8 @@
 
 Projections are stored per head ([embed, heads, head_dim]) so the rules table can shard heads.
 Softmax runs in float32 inside `jax.nn.dot_product_attention`, which also repeats the kv heads.
+A `prefix` (fine-tuning: learned keys and values, or a learned prompt's) is attended to by every
+query before its own sequence; without one, nothing here changes.
 """
 
 import jax
@@ -37,13 +39,15 @@ class Attention(nnx.Module):
             y = y + precision.compute(getattr(self, name + "_bias")[...], self.m)
         return y
 
-    def __call__(self, x, positions, segment_ids=None, cache=None):
+    def __call__(self, x, positions, segment_ids=None, cache=None, prefix=None):
         """Attends causally within a sequence (and within a document when asked).
 
         x: [batch, length, embed] in compute dtype; positions, segment_ids: [batch, length].
         cache: None for training, or (keys, values, end) with keys/values
           [batch, cache_len, kv_heads, head_dim] and end [batch] the number of filled slots; the new
           keys are written at slots end..end+length and the updated cache is returned.
+        prefix: None, or (keys, values) [batch or 1, prefix, kv_heads, head_dim] that every query
+          sees ahead of the sequence (and of the cache), whatever its document.
         Returns ([batch, length, embed], cache).
         """
         m = self.m
@@ -57,7 +61,12 @@ class Attention(nnx.Module):
             if m.document_mask and segment_ids is not None:
                 same = segment_ids[:, :, None] == segment_ids[:, None, :]
                 mask = same[:, None, :, :]  # [batch, 1, length, length]
-            y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+            if prefix is None:
+                y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+            else:
+                causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))[None, None]
+                mask = causal if mask is None else mask & causal
+                y = _with_prefix(q, k, v, mask, prefix, m)
         else:
             keys, values, end = cache
             write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, 0))
@@ -67,10 +76,25 @@ class Attention(nnx.Module):
             slots = jnp.arange(keys.shape[1])
             query_slot = end[:, None] + jnp.arange(x.shape[1])[None, :]  # [batch, length]
             mask = slots[None, None, :] <= query_slot[:, :, None]  # [batch, length, cache_len]
-            y = jax.nn.dot_product_attention(q, precision.compute(keys, m),
-                                             precision.compute(values, m), mask=mask[:, None])
+            if prefix is None:
+                y = jax.nn.dot_product_attention(q, precision.compute(keys, m),
+                                                 precision.compute(values, m), mask=mask[:, None])
+            else:
+                y = _with_prefix(q, precision.compute(keys, m), precision.compute(values, m), mask[:, None], prefix, m)
             cache = (keys, values, end)
         y = jnp.einsum("bthk,hkd->btd", y, precision.compute(self.o[...], m))
         if m.use_bias:
             y = y + precision.compute(self.o_bias[...], m)
         return constrain(y, "batch", "length", "act_embed"), cache
+
+
+def _with_prefix(q, k, v, mask, prefix, m):
+    """Attention over the prefix's keys, then the sequence's. q: [batch, length, heads, head_dim];
+    k, v: [batch, keys, kv_heads, head_dim]; mask: [batch or 1, 1, length, keys]; prefix: (keys,
+    values) [batch or 1, prefix, kv_heads, head_dim], every slot visible to every query."""
+    batch, length = q.shape[:2]
+    pk, pv = (jnp.broadcast_to(precision.compute(p, m), (batch,) + p.shape[1:]) for p in prefix)
+    mask = jnp.broadcast_to(mask, (batch, 1, length, k.shape[1]))
+    mask = jnp.concatenate([jnp.ones((batch, 1, length, pk.shape[1]), bool), mask], axis=-1)
+    return jax.nn.dot_product_attention(q, jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1),
+                                        mask=mask)

@@ -7,6 +7,8 @@ DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "save_matmuls")
 INITS = ("scaled_normal", "mup")
 ROPE_SCALINGS = ("none", "llama3")
+ADAPTER_ACTIVATIONS = ("relu", "gelu", "silu")
+HOOKS = ("adapter_width", "prefix_length", "prompt_length")
 
 
 class ConfigError(ValueError):
@@ -17,6 +19,12 @@ def _one_of(m, field: str, allowed: tuple[str, ...]) -> None:
     value = m[field]
     if value not in allowed:
         raise ConfigError(f"model.{field}={value!r} is unknown; choose one of {', '.join(allowed)}")
+
+
+def hook(m, name: str) -> int:
+    """A fine-tuning hook's size (`adapter_width`, `prefix_length`, `prompt_length`; heft.adapt sets
+    them): 0, off, unless set, and in configs saved before the hooks existed."""
+    return m.get(name, 0) or 0
 
 
 def head_dim(m) -> int:
@@ -70,6 +78,13 @@ def check_model(m) -> None:
     _one_of(m, "compute_dtype", DTYPES)
     _one_of(m, "remat", REMAT)
     _one_of(m, "rope_scaling", ROPE_SCALINGS)
+    for field in HOOKS:
+        value = hook(m, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"model.{field}={value!r} must be an integer >= 0 (0: off; heft finetune sets it)")
+    if hook(m, "adapter_width") and m.adapter_activation not in ADAPTER_ACTIVATIONS:
+        raise ConfigError(f"model.adapter_activation={m.adapter_activation!r} is unknown; choose one of "
+                          f"{', '.join(ADAPTER_ACTIVATIONS)}")
     _one_of(m, "init", INITS)
     if m.init == "mup" and (not isinstance(m.mup_base_width, int) or m.mup_base_width < 1):
         raise ConfigError(f"model.mup_base_width={m.mup_base_width!r} must be a positive integer (the width at "

@@ -38,6 +38,8 @@ def _component(path: str) -> str:
     for name in ("embed", "position_embed", "readout"):
         if path == name:
             return {"embed": "embedding", "position_embed": "positions", "readout": "readout"}[name]
+    if "." not in path:  # a fine-tune's prefix_keys, prefix_values, prompt
+        return path
     return path.split(".")[1]  # blocks.attention.* -> attention, blocks.mlp.* -> mlp
 
 
