@@ -143,10 +143,13 @@ class Checkpointer:
 
     Creating one (every process, at start) makes the workdir consistent first: a committed but
     unsealed newest step is sealed, cut-short and superseded ones are removed, each said in a line.
+    The state saved may be any tree of arrays (a fine-tune saves its trainable weights alone);
+    `facts` are added to every manifest (a fine-tune's base).
     """
 
-    def __init__(self, workdir, config, prepared=None, note=print):
+    def __init__(self, workdir, config, prepared=None, note=print, facts: dict | None = None):
         self.config, self.prepared, self.note = config, prepared, note
+        self.facts = dict(facts or {})
         self.directory = storage.path(workdir) / "checkpoints"
         k = config.checkpoint
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
@@ -328,6 +331,7 @@ class Checkpointer:
             "tokens_seen": step * t.batch_size * t.seq_len,
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "processes": self.process_count,
+            **self.facts,
         }
         if self._tokenizer_of is not self.prepared:  # read once per data, not at every save
             tokenizer = _tokenizer_bytes(self.prepared)
@@ -496,8 +500,16 @@ def load_params(directory, mesh=None, verify: bool = True, config=None, target=N
         facts = custody.verify(directory, jax.process_index(), jax.process_count(), gather=hosts.gather_ints())
     else:
         facts = manifest.read(directory)
+    if "finetune" in facts:  # heft.adapt reads these, with their base
+        raise CheckpointError(f"{directory} is a fine-tune of {facts['finetune']['base']['path']} and holds only the "
+                              "weights it trained; heft eval and heft generate read it with its base, and "
+                              "heft merge writes the whole model for everything else")
     if config is None:
         config = config_from_json(json.dumps(facts["config"]))
+    quantized = config.get("quantize", {}).get("weights", "none")
+    if target is None and quantized != "none" and not config.quantize.get("qat", False):
+        raise CheckpointError(f"{directory} holds {quantized} weights (heft quantize); heft eval and heft generate "
+                              "read it, everything else needs the float checkpoint it was quantized from")
     mesh = mesh if mesh is not None else serving_mesh(config)
     if target is not None:
         abstract = target(config, mesh)
@@ -509,10 +521,6 @@ def load_params(directory, mesh=None, verify: bool = True, config=None, target=N
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(directory / "params", abstract)
     else:  # a training checkpoint: read only the parameters out of the train state
-    quantized = config.get("quantize", {}).get("weights", "none")
-    if target is None and quantized != "none" and not config.quantize.get("qat", False):
-        raise CheckpointError(f"{directory} holds {quantized} weights (heft quantize); heft eval and heft generate "
-                              "read it, everything else needs the float checkpoint it was quantized from")
         restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), abstract)
         with ocp.PyTreeCheckpointer() as ckptr:
             state = ckptr.restore(directory / "state", args=ocp.args.PyTreeRestore(

@@ -1,11 +1,16 @@
 """The training loop: data in, jitted steps over the mesh, metrics, held-out loss, checkpoints.
 
 `train(config, workdir)` is what `heft train` runs and what tests call. Every process runs the same
-loop on its own slice of the batch; only process 0 writes metrics.
+loop on its own slice of the batch; only process 0 writes metrics. What it trains is a `Trainee`:
+pretraining's is the whole model (`pretraining()`); a fine-tune's (heft.adapt) is a few weights
+beside a frozen base. Data, steps, metrics, held-out loss, checkpoints, preemption and resume are
+this one loop for both.
 """
 
+import dataclasses
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -17,6 +22,38 @@ from heft.train import checkpoint, checks, compiled, goodput, hosts, lock, metri
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A trainee placed on the mesh: its train state and the jitted steps over it."""
+
+    abstract_state: dict  # ShapeDtypeStructs with shardings: what a restore reads into, what compiles
+    init_state: Callable[[], dict]  # a fresh state, made in its shards
+    train_step: Callable  # jitted (state, *frozen, batch) -> (state, metrics), the state donated
+    eval_step: Callable  # jitted (state["params"], *frozen, batch) -> (loss sum, weight sum)
+    frozen: tuple = ()  # arrays every step reads and none changes (a fine-tune's base); never saved
+    trainable: int | None = None  # parameters trained, when not all of them
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainee:
+    """What the loop trains: `make(config, mesh)` builds its Program once the workdir is taken and
+    the run is not already done. `facts` go into every checkpoint's manifest; `check(resume)` raises
+    CheckpointError for a checkpoint this trainee must not continue; the data is tokenized with
+    `tokenizer_path` when given (a fine-tune's base's), else with the corpus's own."""
+
+    make: Callable[..., Program]
+    facts: dict = dataclasses.field(default_factory=dict)
+    check: Callable = lambda resume: None
+    tokenizer_path: str | None = None
+
+
+def pretraining() -> Trainee:
+    """`heft train`'s trainee: every parameter of the model, from a fresh init."""
+    return Trainee(lambda config, mesh: Program(
+        abstract_state=compiled.abstract_state(config, mesh), init_state=lambda: compiled.init_state(config, mesh),
+        train_step=compiled.train_step(config, mesh), eval_step=compiled.eval_step(config, mesh)))
 
 
 def prepare_data(config, tokenizer_path=None):
@@ -63,7 +100,8 @@ def take_workdir(workdir, note=print):
     return held
 
 
-def train(config, workdir: str, stop_requested=lambda step: False, compile_checked=None) -> dict:
+def train(config, workdir: str, stop_requested=lambda step: False, compile_checked=None,
+          trainee: Trainee | None = None) -> dict:
     """Trains `config` in `workdir` (resuming from its newest sealed checkpoint); returns a summary dict.
 
     `stop_requested(step)` is asked after every step; True saves a checkpoint there and returns
@@ -71,14 +109,15 @@ def train(config, workdir: str, stop_requested=lambda step: False, compile_check
     is already at `train.steps` returns {"already_done": step}. One run at a time holds the workdir.
     `compile_checked(config, mesh)`, if given, compiles the step and checks it fits the devices
     before any state is made (`heft train` passes the TPU plan's fit check); it returns the compiled
-    step, which the loop then runs, or None to let the loop compile it.
+    step, which the loop then runs, or None to let the loop compile it. `trainee` defaults to
+    `pretraining()`.
     """
     mesh = sharding.make_mesh(config)
     checks.check(config, mesh)
     compiled.use_compilation_cache(config)
     held = take_workdir(workdir)
     try:
-        return _train(config, workdir, mesh, stop_requested, held, compile_checked)
+        return _train(config, workdir, mesh, stop_requested, held, compile_checked, trainee or pretraining())
     finally:
         if held is not None:
             held.release()
@@ -89,17 +128,18 @@ def _note(text: str) -> None:
         print(text, flush=True)
 
 
-def _train(config, workdir, mesh, stop_requested, held, compile_checked) -> dict:
+def _train(config, workdir, mesh, stop_requested, held, compile_checked, trainee) -> dict:
     t = config.train
-    ckpt = checkpoint.Checkpointer(workdir, config, note=_note)
+    ckpt = checkpoint.Checkpointer(workdir, config, note=_note, facts=trainee.facts)
     resume = ckpt.latest()
     if resume is not None:
+        trainee.check(resume)
         for change in ckpt.check_config(resume):
             _note(f"heft: resuming with a changed setting: {change}")
         if resume.step >= t.steps:
             ckpt.close()
             return {"already_done": resume.step, "steps": t.steps}
-    prepared = prepare_data(config)
+    prepared = prepare_data(config, trainee.tokenizer_path)
     new_corpus = False
     if resume is not None and ckpt.check_data(resume, prepared) == "retokenize":
         new_corpus = resume.manifest.get("data", {}).get("corpus_sha256") != checkpoint.data_facts(prepared)["corpus_sha256"]
@@ -107,13 +147,14 @@ def _train(config, workdir, mesh, stop_requested, held, compile_checked) -> dict
         prepared = prepare_data(config, tokenizer_path=resume.tokenizer_path)
     ckpt.prepared = prepared
 
-    abstract = compiled.abstract_state(config, mesh)
+    program = trainee.make(config, mesh)
+    abstract, frozen = program.abstract_state, program.frozen
     checked_start = time.perf_counter()  # the TPU fit check compiles the step: compilation time
     step_fn = compile_checked(config, mesh) if compile_checked is not None else None
     checked_s = time.perf_counter() - checked_start
     loader_state = None
     if resume is None:
-        state = compiled.init_state(config, mesh)
+        state = program.init_state()
     else:
         state, loader_state = ckpt.restore(resume, abstract)
         if new_corpus:
@@ -130,9 +171,11 @@ def _train(config, workdir, mesh, stop_requested, held, compile_checked) -> dict
     with sharding.activated(mesh, config):
         compile_start = time.perf_counter()
         if step_fn is None:
-            step_fn = compiled.train_step(config, mesh).lower(abstract, compiled.abstract_batch(config, mesh)).compile()
+            step_fn = program.train_step.lower(abstract, *frozen, compiled.abstract_batch(config, mesh)).compile()
         compile_s = time.perf_counter() - compile_start + checked_s
-        eval_fn = compiled.eval_step(config, mesh)
+
+    def eval_fn(params, batch):
+        return program.eval_step(params, *frozen, batch)
 
     loader = make_loader(config, prepared)
     if loader_state is not None:
@@ -142,7 +185,8 @@ def _train(config, workdir, mesh, stop_requested, held, compile_checked) -> dict
     progress = metrics.Progress(t.steps, start)
     if resume is not None:
         progress.note(f"resumed from step {start} in {ckpt.directory}")
-    progress.note(f"{report['total_params']:,} parameters on mesh {dict(mesh.shape)}; "
+    trained = f" ({program.trainable:,} trained)" if program.trainable is not None else ""
+    progress.note(f"{report['total_params']:,} parameters{trained} on mesh {dict(mesh.shape)}; "
                   f"step compiled in {compile_s:.1f} s")
 
     losses, eval_loss, skipped = [], None, 0
@@ -153,7 +197,7 @@ def _train(config, workdir, mesh, stop_requested, held, compile_checked) -> dict
     try:
         while step < t.steps:
             batch = data_loader.global_batch(loader.next(), batch_sharding)
-            state, step_metrics = step_fn(state, batch)
+            state, step_metrics = step_fn(state, *frozen, batch)
             step += 1
             interval_steps += 1
             if pending is not None:
@@ -215,6 +259,7 @@ def _train(config, workdir, mesh, stop_requested, held, compile_checked) -> dict
 
     return {
         "params": report["total_params"],
+        "trainable_params": program.trainable if program.trainable is not None else report["total_params"],
         "unigram_loss": unigram_cross_entropy(prepared),
         "steps": step,
         "tokens_seen": step * tokens_per_step,

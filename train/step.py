@@ -36,15 +36,18 @@ def _split_micro(batch, n: int):
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
-def gradients(config, params, batch):
+def gradients(config, params, batch, loss=None):
     """Mean loss and its gradient over the global batch, accumulated over `train.micro_batches`.
+
+    `loss(params, batch) -> (loss sum, weight sum)` defaults to `loss_sums`; a fine-tune
+    (heft.adapt) passes a loss of its trainable weights alone, the frozen base closed over.
 
     Accumulation is a scan inside the step rather than optax.MultiSteps: the step then consumes the
     whole global batch in one call (one host round trip), and the mean is over all tokens of the
     batch, so any micro-batch count gives the same update.
     """
     n = config.train.micro_batches
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(config, p, b), has_aux=True)
+    grad_fn = jax.value_and_grad(loss or (lambda p, b: loss_sums(config, p, b)), has_aux=True)
     if n == 1:
         (total, count), grads = grad_fn(params, batch)
     else:
@@ -59,12 +62,15 @@ def gradients(config, params, batch):
     return total / count, jax.tree.map(lambda g: g / count, grads)
 
 
-def train_step(config, state, batch):
+def train_step(config, state, batch, loss=None, tx=None):
     """One optimizer update. Returns (new state, metrics); a non-finite loss or gradient leaves the
     parameters and Adam's moments as they were but advances the step and the schedule with it (the
-    loop then stops or skips, by `train.on_nonfinite`). The logged `lr` is the one applied."""
-    tx = optimizer.make_for(config)
-    loss, grads = gradients(config, state["params"], batch)
+    loop then stops or skips, by `train.on_nonfinite`). The logged `lr` is the one applied.
+
+    `loss` (see `gradients`) and `tx` (default: the run's optimizer) let a fine-tune train other
+    weights than the model's with this same update."""
+    tx = tx or optimizer.make_for(config)
+    loss, grads = gradients(config, state["params"], batch, loss)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
