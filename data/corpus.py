@@ -1,7 +1,8 @@
 """Which files make a corpus, the documents they hold, and which documents are held out.
 
 A corpus is `data.corpus`: "embedded" (the Shakespeare and Milton texts shipped in
-`data/corpus/`), a directory (searched recursively), a single file, or a glob (`**` spans
+`data/corpus/`), "embedded:NAME" (another file shipped there, `data/corpus/NAME.jsonl.xz`: the
+fine-tuning task), a directory (searched recursively), a single file, or a glob (`**` spans
 folders); any of them may be on gs:// (paths.py). Files are taken in sorted path order, and
 documents in file order, so the document sequence (and with it the held-out split, the last
 documents) is fixed by the files alone. Hidden (dot) files and folders are not part of a corpus.
@@ -34,9 +35,21 @@ SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.xz", ".jsonl.xz")
 _FORMATS = ".txt/.jsonl/.parquet"
 
 
-def embedded_path() -> Path:
-    """The embedded corpus: one .jsonl.xz of documents with a `text` field (see corpus/SOURCE.md)."""
-    return Path(__file__).parent / "corpus" / "shakespeare_milton.jsonl.xz"
+def embedded_path(name: str | None = None) -> Path:
+    """The embedded corpus: one .jsonl.xz of documents with a `text` field (see corpus/SOURCE.md);
+    or, given a name, the embedded file corpus/NAME.jsonl.xz."""
+    return Path(__file__).parent / "corpus" / f"{name or 'shakespeare_milton'}.jsonl.xz"
+
+
+def _embedded_file(corpus: str) -> dict[str, dict]:
+    """{path: version} of `data.corpus="embedded:NAME"`."""
+    name = corpus[len(EMBEDDED) + 1:]
+    path = embedded_path(name)
+    if not name or "/" in name or not path.is_file():
+        known = sorted(p.name[: -len(".jsonl.xz")] for p in embedded_path().parent.glob("*.jsonl.xz"))
+        raise DataError(f"data.corpus={corpus!r} names no embedded file; choose one of "
+                        f"{', '.join(f'embedded:{k}' for k in known)}")
+    return {str(path): paths.info(path)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +80,8 @@ def find(corpus: str) -> dict[str, dict]:
     """
     if corpus == EMBEDDED:
         return {str(embedded_path()): paths.info(embedded_path())}
+    if corpus.startswith(EMBEDDED + ":"):
+        return _embedded_file(corpus)
     where = f"data.corpus={corpus!r}"
     if paths.GLOB_CHARS & set(corpus):
         try:
@@ -117,31 +132,36 @@ def _kept(text: str) -> bool:
     return bool(text.strip())
 
 
-def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+def json_lines(path: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed object) for every non-blank line of a .jsonl or .jsonl.xz file."""
     with _open_binary(path) as f:
         for lineno, raw in enumerate(f, start=1):
             line = _decode(raw, f"{path}:{lineno}")
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove the line") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise DataError(
-                    f"{path}:{lineno} has no {text_field!r} field; "
-                    f"set data.text_field to the field that holds the text"
-                )
-            text = record[text_field]
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise DataError(
-                    f"{path}:{lineno} field {text_field!r} is a {type(text).__name__}, not a string; "
-                    f"set data.text_field to the field that holds the text"
-                )
-            if _kept(text):
-                yield text
+
+
+def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+    for lineno, record in json_lines(path):
+        if not isinstance(record, dict) or text_field not in record:
+            raise DataError(
+                f"{path}:{lineno} has no {text_field!r} field; "
+                f"set data.text_field to the field that holds the text"
+            )
+        text = record[text_field]
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise DataError(
+                f"{path}:{lineno} field {text_field!r} is a {type(text).__name__}, not a string; "
+                f"set data.text_field to the field that holds the text"
+            )
+        if _kept(text):
+            yield text
 
 
 def _parquet_documents(path: str, text_field: str) -> Iterator[str]:

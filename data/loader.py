@@ -19,6 +19,9 @@ token store (tensorstore, local or gs://), with a bounded cache of decoded chunk
 (store.READ_CACHE_BYTES), and segment ids and positions come from the EOS tokens inside each row.
 A thread reads `prefetch` batches ahead into a bounded queue, so the training step does not wait
 on storage; `close()` (or `with Loader(...) as loader:`) stops it, and so does dropping the loader.
+
+Prompt/completion pairs (pairs.py) come packed into rows in memory; the stream over them, the
+state and the held-out batches are the same as a token store's.
 """
 
 import hashlib
@@ -29,7 +32,7 @@ import weakref
 import grain
 import numpy as np
 
-from heft.data import packing
+from heft.data import packing, pairs
 from heft.data.errors import DataError
 
 SPLITS = ("train", "heldout")
@@ -117,6 +120,18 @@ class _Batches:
         return packing.pack(windows, self.lengths, self.eos_id, self.start_id)
 
 
+class _Packed:
+    """`_Batches` for rows already packed in memory ([rows, seq_len] arrays: prompt/completion pairs)."""
+
+    def __init__(self, rows: dict, order, local_batch: int, offset: int):
+        self.rows, self.order, self.local_batch, self.offset = rows, order, local_batch, offset
+
+    def __call__(self, consumed: int) -> dict[str, np.ndarray]:
+        first = consumed + self.offset
+        rows = np.fromiter((self.order[i] for i in range(first, first + self.local_batch)), np.int64, self.local_batch)
+        return {k: v[rows] for k, v in self.rows.items()}
+
+
 class _Prefetch:
     """Runs make(start), make(start + step), ... in a thread, at most `depth` results ahead of `get()`."""
 
@@ -180,15 +195,21 @@ class Loader:
         self.split, self.seq_len, self.global_batch, self.seed = split, int(seq_len), int(global_batch), int(seed)
         self.local_batch = _local_rows(self.global_batch, process_index, process_count)
         self.process_index, self.process_count = process_index, process_count
-        first, stop = split_range(prepared, split)
-        self.rows_per_epoch = packing.full_rows(stop - first, self.seq_len)
+        packed = prepared.split_rows(split, self.seq_len) if isinstance(prepared, pairs.Pairs) else None
+        if packed is not None:
+            self.rows_per_epoch = len(packed["inputs"])
+        else:
+            first, stop = split_range(prepared, split)
+            self.rows_per_epoch = packing.full_rows(stop - first, self.seq_len)
         if self.rows_per_epoch < 1:
             raise DataError(
                 f"the {split} split has {stop - first} tokens, fewer than one sequence of "
                 f"train.seq_len={self.seq_len} + 1; lower train.seq_len or add text"
             )
         order = grain.MapDataset.range(self.rows_per_epoch).shuffle(seed=_grain_seed(self.seed, split)).repeat()
-        self._batches = _Batches(prepared, first, self.seq_len, order, self.local_batch, process_index * self.local_batch)
+        offset = process_index * self.local_batch
+        self._batches = (_Packed(packed, order, self.local_batch, offset) if packed is not None
+                         else _Batches(prepared, first, self.seq_len, order, self.local_batch, offset))
         self._prefetch = max(0, int(prefetch))
         self._thread = [None]  # the running _Prefetch, in a list that the finalizer below shares
         self._finalizer = weakref.finalize(self, _close, self._thread)
@@ -252,6 +273,9 @@ def heldout_batches(
     once in the first `heldout_num_batches` batches. Reads only this process's rows.
     """
     local = _local_rows(global_batch, process_index, process_count)
+    if isinstance(prepared, pairs.Pairs):
+        yield from _packed_heldout(prepared.split_rows("heldout", seq_len), global_batch, n, local, process_index)
+        return
     first, stop = split_range(prepared, "heldout")
     store = prepared.open()
     eos_id, start_id = prepared.metadata["tokenizer"]["eos_id"], _start_id(prepared)
@@ -271,10 +295,22 @@ def heldout_batches(
         yield packing.pack(windows, lengths, eos_id, start_id)
 
 
+def _packed_heldout(rows: dict, global_batch: int, n: int | None, local: int, process_index: int):
+    """`heldout_batches` over rows packed in memory: in order, padded with empty rows past the end."""
+    total = len(rows["inputs"])
+    for k in range(-(-total // global_batch) if n is None else n):
+        index = k * global_batch + process_index * local + np.arange(local)
+        real = index < total
+        yield {key: np.where(real.reshape(-1, 1), v[np.minimum(index, total - 1)], 0).astype(v.dtype)
+               for key, v in rows.items()}
+
+
 def heldout_num_batches(prepared, seq_len: int, global_batch: int) -> int:
     """How many held-out batches cover the held-out split exactly once."""
     if not prepared.metadata["split"]["heldout_documents"]:
         return 0
+    if isinstance(prepared, pairs.Pairs):
+        return -(-len(prepared.split_rows("heldout", seq_len)["inputs"]) // global_batch)
     first, stop = split_range(prepared, "heldout")
     return -(-packing.all_rows(stop - first, seq_len) // global_batch)
 

@@ -20,14 +20,17 @@ import json
 
 import numpy as np
 
+from heft.data import pairs
 from heft.data import prepare as data_prepare
 from heft.data.errors import DataError
 
 _MESSAGE_BYTES = 1024  # of an error message sent to every process
 
 
-def prepare_for_processes(config, tokenizer_path: str | None = None, *, progress: bool = True) -> data_prepare.Prepared:
+def prepare_for_processes(config, tokenizer_path: str | None = None, *,
+                          progress: bool = True) -> "data_prepare.Prepared | pairs.Pairs":
     """`prepare(config)` on every process of a run, all with process 0's tokenizer; see the module docstring.
+    Prompt/completion data (`data.format`) is packed in memory by each process instead (pairs.py).
 
     Args:
       config: the run's config (its `data` and `model.vocab`).
@@ -37,6 +40,11 @@ def prepare_for_processes(config, tokenizer_path: str | None = None, *, progress
     import jax
     from jax.experimental import multihost_utils
 
+    form = config.data.get("format", "text")
+    if form not in pairs.FORMATS:
+        raise DataError(f"data.format={form!r} is unknown; choose one of {', '.join(pairs.FORMATS)}")
+    if form == "prompt_completion":  # every process packs the same examples with the same given tokenizer
+        return pairs.prepare(config, tokenizer_path)
     if jax.process_count() == 1:
         return data_prepare.prepare(config, progress=progress, tokenizer_path=tokenizer_path)
     me = jax.process_index()

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from heft.data import pairs
 from heft.data.loader import split_range
 
 BLOCK = 1 << 22  # tokens read at a time: memory stays this, whatever the split's size
@@ -29,6 +30,8 @@ def unigram_cross_entropy(prepared) -> float:
     it. Add-one smoothing keeps tokens unseen in training finite. Exact for splits up to
     MAX_TOKENS tokens; an estimate from a fixed sample of blocks beyond.
     """
+    if isinstance(prepared, pairs.Pairs):
+        return pairs.unigram_cross_entropy(prepared)
     store = prepared.open()
     vocab = int(prepared.metadata["tokenizer"]["vocab_size"])
     train = _counts(store, *split_range(prepared, "train"), vocab, skip_first=False)
