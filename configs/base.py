@@ -55,6 +55,12 @@ def get_config() -> ml_collections.ConfigDict:
     # positions at every document, so without the mask a token would also see the previous
     # document's keys at RoPE offsets it never meets at inference (MaxText masks and resets together).
     m.document_mask = True
+    # Fine-tuning's pieces, set by heft finetune from the finetune section below (0 is off; with all
+    # three off the model is exactly the pretrained one).
+    m.adapter_width = 0  # bottleneck adapters after the attention and the MLP of every block
+    m.adapter_activation = "gelu"  # relu | gelu | silu
+    m.prefix_length = 0  # learned keys and values that every layer attends to first
+    m.prompt_length = 0  # learned input embeddings ahead of every sequence
 
     # Mesh: sizes of the data, fsdp and tensor axes; -1 fills the remaining devices.
     c.mesh = ml_collections.ConfigDict()
@@ -81,6 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
         ("act_kv_heads", "tensor"),
         ("act_mlp", "tensor"),
         ("act_vocab", "tensor"),
+        ("lora_rank", None),  # fine-tuning's own axes: LoRA's rank, the adapters' bottleneck,
+        ("adapter", None),  # the prefix's and prompt's length; small, so kept whole
+        ("prefix", None),
     )
 
     # Data: the corpus, its tokenizer and the loader.
@@ -95,6 +104,11 @@ def get_config() -> ml_collections.ConfigDict:
     # The token that leads every document, and so every prompt: heft's token store leads each
     # document with EOS; Llama tokenizers imported from Hugging Face lead with BOS.
     d.document_start = "eos"  # eos | bos
+    # text: documents (pretraining). prompt_completion: .jsonl lines {"prompt": .., "completion": ..}
+    # whose loss falls on the completion alone (fine-tuning; data/pairs.py).
+    d.format = "text"
+    d.prompt_field = "prompt"
+    d.completion_field = "completion"
 
     # Training.
     t = c.train = ml_collections.ConfigDict()
@@ -136,6 +150,22 @@ def get_config() -> ml_collections.ConfigDict:
     k.allow_data_change = False
     k.signing_key = ""  # an ed25519 private key (PEM) that signs each seal; "" signs nothing
     k.verify_key = ""  # its public key: restore only checkpoints whose seal it verifies
+
+    # Fine-tuning (`heft finetune --base=CHECKPOINT`): what is trained on top of the frozen base.
+    # The model is the base's; train.* and data.* say how and on what. docs/config.md has the details.
+    f = c.finetune = ml_collections.ConfigDict()
+    f.method = "lora"  # full | lora | adapter | prefix | prompt
+    f.freeze = ""  # full: a regex over parameter paths kept frozen, e.g. "embed|norm" ("" freezes none)
+    f.freeze_layers = 0  # full: the first this-many blocks stay frozen
+    f.lora_rank = 8  # r
+    f.lora_alpha = 16.0  # the update is (alpha / r) * A @ B
+    f.lora_dropout = 0.0  # drops input features of the low-rank branch, during training
+    f.lora_targets = "q|k|v|o"  # a regex over projection names: q k v o gate up down readout
+    f.adapter_width = 16  # the bottleneck of each adapter
+    f.adapter_activation = "gelu"  # relu | gelu | silu
+    f.prefix_length = 16  # learned keys and values per layer
+    f.prefix_mlp = 0  # > 0: make the prefix through an MLP this wide while training (Li and Liang)
+    f.prompt_length = 16  # learned input embeddings
 
     # Weight-only quantization (qwix): what `heft quantize` writes (its checkpoint's config says what
     # its integers are), or, with qat, what training fake-quantizes so that quantizing later costs less.

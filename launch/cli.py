@@ -21,6 +21,8 @@ VERBS = {
     "export": ("heft.launch.verbs.export", "write a parameters-only checkpoint for serving"),
     "plan": ("heft.launch.verbs.plan", "compile the train step for a TPU topology and predict fit and speed"),
     "convert": ("heft.launch.verbs.convert", "import or export Hugging Face weights"),
+    "finetune": ("heft.launch.verbs.finetune", "fine-tune a checkpoint: full, LoRA, adapters, prefix or prompt tuning"),
+    "merge": ("heft.launch.verbs.merge", "write a fine-tune and its base as one parameters-only checkpoint"),
     "launch": ("heft.launch.verbs.launch", "run heft train on every host: local processes, TPU VMs, GKE, SLURM"),
     "quantize": ("heft.launch.verbs.quantize", "quantize a checkpoint's weights to int8 or int4 (qwix)"),
     "sweep": ("heft.launch.verbs.sweep", "run a sweep's points and fit scaling laws to them"),

@@ -1,6 +1,6 @@
 """The house, one floor per stage: data flows one way, and no stage imports the floor above it.
 
-    configs, model, data  ->  train  ->  eval, convert, quantize  ->  launch (the `heft` command, planning)
+    configs, model, data  ->  train  ->  eval, convert, quantize, adapt  ->  launch (the `heft` command, planning)
 
 Every import in every module (at the top or inside a function) is read with `ast`.
 """
@@ -20,7 +20,8 @@ ALLOWED = {
     "eval": {"configs", "model", "data", "train"},
     "convert": {"configs", "model", "data", "train"},
     "quantize": {"configs", "model", "data", "train"},
-    "launch": {"configs", "model", "data", "train", "eval", "convert", "quantize"},
+    "adapt": {"configs", "model", "data", "train"},
+    "launch": {"configs", "model", "data", "train", "eval", "convert", "quantize", "adapt"},
 }
 
 

@@ -18,6 +18,8 @@ from heft.train.manifest import CheckpointError
 def define_flags():
     flags.DEFINE_string("checkpoint", None, "a checkpoint, a workdir (its newest one) or a params-only dir")
     flags.DEFINE_string("corpus", None, "evaluate this corpus's held-out split instead (.txt/.jsonl/.parquet)")
+    flags.DEFINE_enum("format", None, ["text", "prompt_completion"], "how --corpus is read (default: text), or "
+                      "the checkpoint's data.format without --corpus")
     flags.DEFINE_integer("batches", 0, "held-out batches to evaluate; 0 means the whole split")
     flags.DEFINE_integer("batch_size", 0, "global batch in sequences (default: the checkpoint's)")
     flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes, e.g. 1,2,4 (default: fsdp over all devices)")
@@ -51,7 +53,9 @@ def main(argv):
     del argv
     f = flags.FLAGS
     check_flags(f)  # before the imports that take seconds
+    from heft.adapt import load as adapt_load
     from heft.data import processes as data_processes
+    from heft.model import decoder
     from heft.quantize.checkpoint import load_any
     from heft.train import checkpoint, checks, sharding
 
@@ -64,10 +68,19 @@ def main(argv):
         config.train.batch_size = f.batch_size
     if f.corpus:
         config.data.corpus = f.corpus
+        config.data.format = "text"  # a fine-tune's own data may be prompt/completion pairs; --corpus is text
+    if f.format:
+        config.data.format = f.format
     mesh = sharding.make_mesh(config) if f.mesh else checkpoint.serving_mesh(config)
     checks.check_batch(config, mesh.shape, config.train.batch_size, "--batch_size")  # before the slow load
     # A float or a quantized checkpoint (heft quantize): `bind` makes the model either holds.
-    config, params, tokenizer_path, bind = load_any(directory, mesh=mesh, verify=not f.skip_verify, config=config)
+    # A fine-tune (heft finetune) is read with its base into the whole model it makes.
+    if adapt_load.is_finetune(directory):
+        config, params, tokenizer_path = adapt_load.load_params(directory, mesh=mesh, verify=not f.skip_verify,
+                                                                config=config)
+        bind = decoder.bind
+    else:
+        config, params, tokenizer_path, bind = load_any(directory, mesh=mesh, verify=not f.skip_verify, config=config)
     if f.tasks:
         return run_tasks(f, directory, config, params, tokenizer_path, mesh, bind)
     # The checkpoint's own tokenizer decides the ids; without one (a checkpoint saved outside

@@ -23,7 +23,9 @@ def define_flags():
 def main(argv):
     del argv
     f = flags.FLAGS
+    from heft.adapt import load as adapt_load
     from heft.data import tokenizer as tokenizers
+    from heft.model import decoder
     from heft.quantize.checkpoint import load_any
     from heft.train import sharding
     from heft.train.manifest import CheckpointError
@@ -31,7 +33,11 @@ def main(argv):
     check_text(f.prompt)  # these before the slow load
     check_sampling(f.temperature, f.top_k, f.top_p)
     # A float or a quantized checkpoint (heft quantize): `bind` makes the model either holds.
-    config, params, tokenizer_path, bind = load_any(f.checkpoint)
+    if adapt_load.is_finetune(f.checkpoint):  # a fine-tune, read with its base into the whole model
+        config, params, tokenizer_path = adapt_load.load_params(f.checkpoint)
+        bind = decoder.bind
+    else:
+        config, params, tokenizer_path, bind = load_any(f.checkpoint)
     if tokenizer_path is None:
         raise CheckpointError(f"checkpoint {f.checkpoint} holds no tokenizer (tokenizer.model or tokenizer.json); "
                               "generate needs one to turn text into tokens (save the checkpoint with its tokenizer)")

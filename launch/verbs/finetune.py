@@ -1,0 +1,75 @@
+"""`heft finetune --config=configs/NAME.py --base=CHECKPOINT --workdir=DIR`: train on top of a frozen base
+checkpoint, heft's own or one imported with `heft convert --from_hf`, by `finetune.method`: full,
+lora, adapter, prefix or prompt (adapt/). The model is the base's; the config says how and on what.
+
+As `heft train`: resumes from DIR's newest checkpoint; SIGTERM, Ctrl-C or --stop_after saves a
+checkpoint and exits 0; several processes take --coordinator --num_processes --process_id.
+"""
+
+import json
+import sys
+
+from absl import flags
+from absl import logging as absl_logging
+
+
+def define_flags():
+    from heft.launch.flags import define_config
+
+    define_config("milton.py")
+    flags.DEFINE_string("base", None, "the checkpoint to fine-tune: a workdir (its newest step), a step directory "
+                        "or a parameters-only checkpoint (e.g. from heft convert --from_hf)")
+    flags.DEFINE_string("workdir", None, "where the fine-tune's checkpoints, metrics and TensorBoard logs go")
+    flags.DEFINE_string("coordinator", None, "host:port of process 0, for several processes")
+    flags.DEFINE_integer("num_processes", None, "how many processes take part")
+    flags.DEFINE_integer("process_id", None, "this process's index, 0..num_processes-1")
+    flags.DEFINE_integer("stop_after", None, "checkpoint and exit after this step, as a preemption would")
+
+
+def summary_text(s: dict) -> str:
+    share = 100 * s["trainable_params"] / s["params"]
+    return (f"done: {s['method']} fine-tune of {s['base']}: {s['trainable_params']:,} trained parameters "
+            f"({share:.2f}% of {s['params']:,}), {s['steps']} steps, {s['tokens_seen']:,} tokens seen; "
+            f"train loss {s['train_loss']:.4f}, held-out loss {s['eval_loss']:.4f} "
+            f"(unigram baseline {s['unigram_loss']:.4f}); {s['tokens_per_s']:,.0f} tokens/s")
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    from heft.model.checks import ConfigError
+
+    if not f.base or not f.workdir:
+        raise ConfigError("heft finetune needs --base=CHECKPOINT (what to fine-tune) and --workdir=DIR (where to)")
+    from heft.quantize import qat
+
+    qat.check(f.config)  # quantize.weights without quantize.qat, or the reverse, stops here
+    # The same quieting of orbax's echoes of a failed save as heft train's (see there).
+    from heft.launch.verbs.train import _OrbaxErrorsRaisedAnyway, _quiet_closed_loops
+
+    absl_logging.get_absl_handler().addFilter(_OrbaxErrorsRaisedAnyway())
+    sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
+    from heft.launch import distributed
+
+    distributed.initialize(f.coordinator, f.num_processes, f.process_id)
+    import jax
+
+    from heft.adapt import finetune
+    from heft.train import loop, preemption
+
+    try:
+        # quantize.qat: the steps see the weights fake-quantized as heft quantize will write them.
+        result = finetune.finetune(f.config, f.base, f.workdir, stop_requested=preemption.StopSignal(f.stop_after),
+                                   bind=qat.binder(f.config))
+    except loop.NonFiniteLoss as e:
+        raise SystemExit(f"heft finetune: {e}") from None
+    if jax.process_index() == 0:
+        if "stopped_at" in result:
+            print(f"heft finetune: stopped at step {result['stopped_at']} with a checkpoint; rerun the same command "
+                  "to resume")
+        elif "already_done" in result:
+            print(f"heft finetune: {f.workdir} is already done: its newest checkpoint is step {result['already_done']} "
+                  f"and train.steps={result['steps']}; raise train.steps to train further")
+        else:
+            print(summary_text(result))
+            print(json.dumps(result))
