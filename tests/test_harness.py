@@ -106,3 +106,41 @@ def test_rolling_loglikelihood_is_the_heldout_loss_of_the_same_text(trained, tmp
     (pair, _), = lm.loglikelihood([Instance("loglikelihood", {}, (text[:split], text[split:]), 0)])
     context, continuation = lm._encode_pair(text[:split], text[split:])
     assert pair == pytest.approx(lm.score_tokens([(context, continuation)])[0][0], rel=1e-6)
+
+
+def test_generate_until_is_the_greedy_continuation_cut_at_the_first_stop_string(trained):
+    from lm_eval.api.instance import Instance
+
+    from heft.data import tokenizer
+    from heft.eval import harness
+    from heft.eval.generate import generate
+    from heft.model.decoder import bind
+    from heft.train import checkpoint, sharding
+
+    workdir, _ = trained
+    config, params, tokenizer_path = checkpoint.load_params(str(workdir))
+    tok = tokenizer.load(tokenizer_path)
+    mesh = checkpoint.serving_mesh(config)
+    lm = harness.HeftLM(config, params, tok, mesh, batch_size=4)
+    contexts = ["KING.\nWhat say you", "HAMLET.\nTo be, or not"]
+    got = lm.generate_until([Instance("generate_until", {}, (c, {"until": [" "], "max_gen_toks": 12}), i)
+                             for i, c in enumerate(contexts)])
+    with sharding.activated(mesh, config):
+        rows = generate(bind(config.model, params), [[tok.eos_id] + tok.encode(c) for c in contexts], 12,
+                        eos_id=tok.eos_id)
+    for text, row in zip(got, rows):
+        full = tok.decode([t for t in row if t != tok.eos_id])
+        assert text == (full[: full.index(" ")] if " " in full else full)
+
+
+def test_results_are_written_beside_a_gs_checkpoint_and_kept_across_runs(gcs):
+    from heft.eval import harness
+    from heft.train import storage
+
+    ckpt = f"{gcs}/llama-int4"
+    assert harness.results_path(ckpt) == f"{gcs}/llama-int4.eval.json"
+    harness.write_results(ckpt, {"a": {"acc": 0.5}})
+    harness.write_results(ckpt, {"b": {"acc": 0.75}}, weights="int4, groups of 32")
+    saved = storage.read_json(harness.results_path(ckpt))
+    assert saved["tasks"] == {"a": {"acc": 0.5}, "b": {"acc": 0.75}} and saved["weights"] == "int4, groups of 32"
+    assert harness.results_path("runs/tiny/checkpoints/600").endswith("runs/tiny/eval/600.json")
