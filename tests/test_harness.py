@@ -62,7 +62,7 @@ def test_cloze_task_runs_offline_and_a_trained_model_beats_chance(trained, tmp_p
 
 def test_an_unknown_task_is_refused_in_one_line_naming_it(trained):
     workdir, _ = trained
-    r = _heft("eval", f"--checkpoint={workdir}", "--tasks=heft_no_such_task")
+    r = _heft("eval", f"--checkpoint={workdir}", "--tasks=heft_no_such_task", env={"HF_HOME": str(workdir / "hf")})
     assert r.returncode == 1 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("heft eval: --tasks names heft_no_such_task, which lm-eval does not know;"), last
