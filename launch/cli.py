@@ -15,7 +15,7 @@ VERBS = {
     "size": ("heft.launch.verbs.size", "count parameters, bytes, training memory and FLOPs of a config"),
     "prepare": ("heft.launch.verbs.prepare", "train the tokenizer and write the corpus's tokens"),
     "train": ("heft.launch.verbs.train", "train a model on a device mesh"),
-    "eval": ("heft.launch.verbs.eval", "held-out loss, perplexity and bits per byte of a checkpoint"),
+    "eval": ("heft.launch.verbs.eval", "held-out loss, perplexity and bits per byte of a checkpoint, or harness tasks"),
     "generate": ("heft.launch.verbs.generate", "sample text from a checkpoint"),
     "verify": ("heft.launch.verbs.verify", "check a checkpoint's seal and files against its manifest"),
     "export": ("heft.launch.verbs.export", "write a parameters-only checkpoint for serving"),
