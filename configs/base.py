@@ -61,6 +61,14 @@ def get_config() -> ml_collections.ConfigDict:
     m.adapter_activation = "gelu"  # relu | gelu | silu
     m.prefix_length = 0  # learned keys and values that every layer attends to first
     m.prompt_length = 0  # learned input embeddings ahead of every sequence
+    # The family: decoder (the above) | encoder_decoder (T5: a bidirectional encoder reads the input, a
+    # decoder attends to it; model/encoder_decoder.py). An encoder_decoder has positions=relative
+    # (T5's bucketed bias, per stack), an untied readout, and these fields besides:
+    m.family = "decoder"
+    m.encoder_depth = config_dict.placeholder(int)  # the encoder's blocks; None: depth (the decoder's)
+    m.relative_buckets = 32  # T5's relative position buckets (half exact distances, half log-spaced)
+    m.relative_max_distance = 128  # distances from this on share the last bucket
+    m.decoder_start = 0  # the decoder's first input (T5's: the pad id)
 
     # Mesh: sizes of the data, fsdp and tensor axes; -1 fills the remaining devices.
     c.mesh = ml_collections.ConfigDict()
@@ -90,6 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
         ("lora_rank", None),  # fine-tuning's own axes: LoRA's rank, the adapters' bottleneck,
         ("adapter", None),  # the prefix's and prompt's length; small, so kept whole
         ("prefix", None),
+        ("relative_buckets", None),  # T5's relative position bias: a few dozen rows, kept whole
     )
 
     # Data: the corpus, its tokenizer and the loader.
@@ -109,12 +118,20 @@ def get_config() -> ml_collections.ConfigDict:
     d.format = "text"
     d.prompt_field = "prompt"
     d.completion_field = "completion"
+    # encoder_decoder on text: T5's span corruption (data/spans.py). The tokenizer heft trains keeps the
+    # top `sentinels` ids of model.vocab free for the sentinels that stand for the dropped spans.
+    d.noise_density = 0.15  # the share of tokens dropped from the input (and written by the decoder)
+    d.mean_noise_span = 3.0  # the mean length of a dropped span
+    d.sentinels = 0  # ids above the tokenizer's for sentinels (T5: 100); 0 for decoders
 
     # Training.
     t = c.train = ml_collections.ConfigDict()
     t.steps = 1000
     t.batch_size = 8  # global, in sequences, over all processes
     t.seq_len = 256
+    # encoder_decoder: seq_len is the encoder's row, this the decoder's; 0: span corruption's own
+    # targets for seq_len inputs (data/spans.py), or seq_len for input/target pairs.
+    t.target_len = 0
     t.micro_batches = 1  # gradient accumulation: batch_size is split into this many
     t.lr = 3e-3
     t.min_lr_ratio = 0.1  # the schedule ends at lr * min_lr_ratio

@@ -87,6 +87,29 @@ class Attention(nnx.Module):
             y = y + precision.compute(self.o_bias[...], m)
         return constrain(y, "batch", "length", "act_embed"), cache
 
+    # The encoder-decoder's attention (model/encoder_decoder.py): the same weights and projections,
+    # with keys and values from any sequence (cross-attention: the encoder's output), a mask and
+    # T5's relative position bias given by the caller, and no RoPE.
+
+    def keys_values(self, context):
+        """context [batch, keys, embed] -> its (keys, values), each [batch, keys, kv_heads, head_dim]."""
+        k = constrain(self._project(context, "k"), "batch", "length", "act_kv_heads", None)
+        v = constrain(self._project(context, "v"), "batch", "length", "act_kv_heads", None)
+        return k, v
+
+    def attend(self, x, keys, values, mask=None, bias=None, scale=None):
+        """The queries of x [batch, length, embed] over `keys_values` of some context (or a cache of
+        them): mask [batch or 1, 1, length, keys] bool, bias [batch or 1, heads, length, keys] added to
+        the scores, scale None for 1 / sqrt(head_dim) (T5's is 1). Returns [batch, length, embed]."""
+        m = self.m
+        q = constrain(self._project(x, "q"), "batch", "length", "act_heads", None)
+        y = jax.nn.dot_product_attention(q, precision.compute(keys, m), precision.compute(values, m),
+                                         bias=bias, mask=mask, scale=scale)
+        y = jnp.einsum("bthk,hkd->btd", y, precision.compute(self.o[...], m))
+        if m.use_bias:
+            y = y + precision.compute(self.o_bias[...], m)
+        return constrain(y, "batch", "length", "act_embed")
+
 
 def _with_prefix(q, k, v, mask, prefix, m):
     """Attention over the prefix's keys, then the sequence's. q: [batch, length, heads, head_dim];

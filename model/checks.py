@@ -2,13 +2,14 @@
 
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
-POSITIONS = ("rope", "learned")
+POSITIONS = ("rope", "learned", "relative")  # relative: the encoder_decoder's (T5's bias)
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "save_matmuls")
 INITS = ("scaled_normal", "mup")
 ROPE_SCALINGS = ("none", "llama3")
 ADAPTER_ACTIVATIONS = ("relu", "gelu", "silu")
 HOOKS = ("adapter_width", "prefix_length", "prompt_length")
+FAMILIES = ("decoder", "encoder_decoder")
 
 
 class ConfigError(ValueError):
@@ -25,6 +26,16 @@ def hook(m, name: str) -> int:
     """A fine-tuning hook's size (`adapter_width`, `prefix_length`, `prompt_length`; heft.adapt sets
     them): 0, off, unless set, and in configs saved before the hooks existed."""
     return m.get(name, 0) or 0
+
+
+def family(m) -> str:
+    """`model.family`: decoder, or encoder_decoder (T5); decoder in configs saved before the field existed."""
+    return m.get("family", "decoder")
+
+
+def encoder_depth(m) -> int:
+    """The encoder's blocks (encoder_decoder): `model.encoder_depth` if given, else depth."""
+    return m.get("encoder_depth") or m.depth
 
 
 def head_dim(m) -> int:
@@ -86,6 +97,43 @@ def check_model(m) -> None:
         raise ConfigError(f"model.adapter_activation={m.adapter_activation!r} is unknown; choose one of "
                           f"{', '.join(ADAPTER_ACTIVATIONS)}")
     _one_of(m, "init", INITS)
+    if family(m) not in FAMILIES:
+        raise ConfigError(f"model.family={family(m)!r} is unknown; choose one of {', '.join(FAMILIES)}")
+    if family(m) == "encoder_decoder":
+        _check_encoder_decoder(m)
+    elif m.positions == "relative":
+        raise ConfigError("model.positions='relative' is T5's bucketed bias, which only model.family=encoder_decoder "
+                          "has; decoders take rope or learned")
     if m.init == "mup" and (not isinstance(m.mup_base_width, int) or m.mup_base_width < 1):
         raise ConfigError(f"model.mup_base_width={m.mup_base_width!r} must be a positive integer (the width at "
                           "which μP's learning rate was tuned)")
+
+
+def _check_encoder_decoder(m) -> None:
+    """The fields an encoder-decoder (model/encoder_decoder.py) adds or constrains."""
+    if m.positions != "relative":
+        raise ConfigError(f"model.positions={m.positions!r} but model.family=encoder_decoder places tokens by T5's "
+                          "relative bias; set model.positions=relative")
+    if m.tied_embeddings:
+        raise ConfigError("model.tied_embeddings=True is not supported with model.family=encoder_decoder (T5 v1.1 "
+                          "reads out with its own matrix); set model.tied_embeddings=false")
+    if m.get("encoder_depth") is not None and not _positive_int(m.encoder_depth):
+        raise ConfigError(f"model.encoder_depth={m.encoder_depth!r} must be a positive integer, or None for depth")
+    for field in ("relative_buckets", "relative_max_distance"):
+        if not _positive_int(m.get(field)):
+            raise ConfigError(f"model.{field}={m.get(field)!r} must be a positive integer")
+    # The encoder's buckets are halved by direction, and half of each half counts exact distances:
+    # the log-spaced rest spans exact .. max_distance, so max_distance must lie beyond the exact ones.
+    if m.relative_buckets < 4 or m.relative_buckets % 2:
+        raise ConfigError(f"model.relative_buckets={m.relative_buckets} must be an even number >= 4 (T5: 32)")
+    if m.relative_max_distance <= m.relative_buckets // 2:
+        raise ConfigError(f"model.relative_max_distance={m.relative_max_distance} must exceed "
+                          f"model.relative_buckets // 2 = {m.relative_buckets // 2}, the distances counted exactly; "
+                          "raise it (T5: 128)")
+    if not isinstance(m.get("decoder_start", 0), int) or not 0 <= m.get("decoder_start", 0) < m.vocab:
+        raise ConfigError(f"model.decoder_start={m.get('decoder_start')!r} must be a token id in 0..{m.vocab - 1} "
+                          "(T5's: the pad id, 0)")
+    for field in HOOKS:
+        if hook(m, field):
+            raise ConfigError(f"model.{field}={hook(m, field)} is a decoder's fine-tuning piece; an encoder_decoder "
+                              "fine-tunes with finetune.method=full or lora")

@@ -167,13 +167,23 @@ def init_cache(m, batch: int, cache_len: int, dtype=jnp.float32):
     return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((m.depth, batch), jnp.int32))
 
 
+def model_class(m):
+    """What config `m` builds: this Decoder, or for `model.family=encoder_decoder` the T5-style
+    EncoderDecoder (model/encoder_decoder.py, which builds on this module, so it is imported here)."""
+    if checks.family(m) == "encoder_decoder":
+        from heft.model.encoder_decoder import EncoderDecoder
+
+        return EncoderDecoder
+    return Decoder
+
+
 def abstract(m):
     """(graphdef, abstract state) of the model for config `m`: shapes only, nothing allocated.
 
     The one place the abstract model is built; every shape question (sizes, shardings, restores,
     conversion) starts here.
     """
-    return nnx.split(nnx.eval_shape(lambda: Decoder(m, nnx.Rngs(0))))
+    return nnx.split(nnx.eval_shape(lambda: model_class(m)(m, nnx.Rngs(0))))
 
 
 def abstract_params(m) -> dict:
@@ -183,7 +193,7 @@ def abstract_params(m) -> dict:
 
 def init_params(m, seed: int) -> dict:
     """Freshly initialized parameters as a nested dict of arrays (the form train/ and orbax keep)."""
-    return nnx.to_pure_dict(nnx.state(Decoder(m, nnx.Rngs(seed)), nnx.Param))
+    return nnx.to_pure_dict(nnx.state(model_class(m)(m, nnx.Rngs(seed)), nnx.Param))
 
 
 def bind(m, params: dict) -> Decoder:
