@@ -32,7 +32,7 @@ import weakref
 import grain
 import numpy as np
 
-from heft.data import packing, pairs
+from heft.data import packing, pairs, spans
 from heft.data.errors import DataError
 
 SPLITS = ("train", "heldout")
@@ -198,6 +198,9 @@ class Loader:
         packed = prepared.split_rows(split, self.seq_len) if isinstance(prepared, pairs.Pairs) else None
         if packed is not None:
             self.rows_per_epoch = len(packed["inputs"])
+        elif isinstance(prepared, spans.SpanCorrupted):  # an encoder-decoder's rows (spans.py)
+            first, stop = split_range(prepared, split)
+            self.rows_per_epoch = prepared.rows(stop - first, self.seq_len)
         else:
             first, stop = split_range(prepared, split)
             self.rows_per_epoch = packing.full_rows(stop - first, self.seq_len)
@@ -209,6 +212,8 @@ class Loader:
         order = grain.MapDataset.range(self.rows_per_epoch).shuffle(seed=_grain_seed(self.seed, split)).repeat()
         offset = process_index * self.local_batch
         self._batches = (_Packed(packed, order, self.local_batch, offset) if packed is not None
+                         else spans.Batches(prepared, first, self.seq_len, order, self.local_batch, offset)
+                         if isinstance(prepared, spans.SpanCorrupted)
                          else _Batches(prepared, first, self.seq_len, order, self.local_batch, offset))
         self._prefetch = max(0, int(prefetch))
         self._thread = [None]  # the running _Prefetch, in a list that the finalizer below shares
@@ -277,6 +282,9 @@ def heldout_batches(
         yield from _packed_heldout(prepared.split_rows("heldout", seq_len), global_batch, n, local, process_index)
         return
     first, stop = split_range(prepared, "heldout")
+    if isinstance(prepared, spans.SpanCorrupted):
+        yield from spans.heldout_batches(prepared, first, stop, seq_len, global_batch, n, local, process_index)
+        return
     store = prepared.open()
     eos_id, start_id = prepared.metadata["tokenizer"]["eos_id"], _start_id(prepared)
     inputs = stop - first - 1
@@ -312,6 +320,8 @@ def heldout_num_batches(prepared, seq_len: int, global_batch: int) -> int:
     if isinstance(prepared, pairs.Pairs):
         return -(-len(prepared.split_rows("heldout", seq_len)["inputs"]) // global_batch)
     first, stop = split_range(prepared, "heldout")
+    if isinstance(prepared, spans.SpanCorrupted):
+        return -(-spans.heldout_rows(prepared, stop - first, seq_len) // global_batch)
     return -(-packing.all_rows(stop - first, seq_len) // global_batch)
 
 

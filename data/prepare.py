@@ -76,7 +76,7 @@ def _key(file_hashes: list[str], config, given_tokenizer: bytes | None = None) -
         "files": file_hashes,  # content, in order; not paths, so a moved corpus stays cached
         "text_field": d.text_field if d.corpus != corpus.EMBEDDED else "text",
         "tokenizer": d.tokenizer,
-        "vocab": int(config.model.vocab),
+        "vocab": tokenizer_vocab(config),
         "heldout_fraction": float(d.heldout_fraction),
         "trainer_options": tokenizer.TRAINER_OPTIONS,
         "sample": {"pieces": tokenizer.SAMPLE_PIECES, "seed": tokenizer.SEED},
@@ -150,9 +150,15 @@ def _batches(texts: Iterable[str], sizes: collections.deque, max_bytes: int = 1 
         yield batch
 
 
+def tokenizer_vocab(config) -> int:
+    """The size of the tokenizer heft trains: model.vocab, less the ids `data.sentinels` keeps above
+    it for an encoder-decoder's span corruption (spans.py)."""
+    return int(config.model.vocab) - int(config.data.get("sentinels", 0) or 0)
+
+
 def _train_tokenizer(texts: Iterable[str], config, path) -> None:
     d = config.data
-    paths.write_bytes(path, tokenizer.train(texts, d.tokenizer, int(config.model.vocab), threads=d.workers))
+    paths.write_bytes(path, tokenizer.train(texts, d.tokenizer, tokenizer_vocab(config), threads=d.workers))
 
 
 def _start_method() -> str:

@@ -20,7 +20,7 @@ import json
 
 import numpy as np
 
-from heft.data import pairs
+from heft.data import pairs, seq2seq, spans
 from heft.data import prepare as data_prepare
 from heft.data.errors import DataError
 
@@ -44,9 +44,9 @@ def prepare_for_processes(config, tokenizer_path: str | None = None, *,
     if form not in pairs.FORMATS:
         raise DataError(f"data.format={form!r} is unknown; choose one of {', '.join(pairs.FORMATS)}")
     if form == "prompt_completion":  # every process packs the same examples with the same given tokenizer
-        return pairs.prepare(config, tokenizer_path)
-    if jax.process_count() == 1:
-        return data_prepare.prepare(config, progress=progress, tokenizer_path=tokenizer_path)
+        return (seq2seq.prepare if seq2seq.is_encoder_decoder(config) else pairs.prepare)(config, tokenizer_path)
+    if jax.process_count() == 1:  # (an encoder-decoder reads text through span corruption: spans.py)
+        return spans.for_config(config, data_prepare.prepare(config, progress=progress, tokenizer_path=tokenizer_path))
     me = jax.process_index()
 
     # 1. Process 0 prepares; the others wait in the broadcast for its tokenizer and store.
@@ -80,7 +80,7 @@ def prepare_for_processes(config, tokenizer_path: str | None = None, *,
         raise failure  # not a user's mistake: its traceback is what helps
     if errors:
         raise DataError(errors[0])
-    return prepared
+    return spans.for_config(config, prepared)
 
 
 def _message(e: Exception) -> str:
