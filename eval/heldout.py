@@ -38,7 +38,9 @@ def evaluate(config, params, mesh, prepared, batches: int = 0, bind=None) -> dic
             total += float(loss_sum)
             count += float(weight_sum)
             for row, w in zip(local["targets"], local["weights"]):
-                n_bytes += len(tok.decode([int(t) for t in np.asarray(row)[np.asarray(w) > 0]]).encode("utf-8"))
+                # (ids past the tokenizer's, an encoder-decoder's span sentinels, stand for no text)
+                ids = [int(t) for t in np.asarray(row)[np.asarray(w) > 0] if t < tok.vocab_size]
+                n_bytes += len(tok.decode(ids).encode("utf-8"))
     n_bytes = int(np.asarray(multihost_utils.process_allgather(np.int64(n_bytes))).sum())
     loss = total / max(count, 1.0)
     return {"eval_loss": loss, "perplexity": math.exp(loss), "bits_per_byte": total / math.log(2) / max(n_bytes, 1),

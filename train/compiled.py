@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from heft.data import seq2seq
 from heft.train import sharding, step
 
 BATCH_KEYS = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
@@ -54,6 +55,9 @@ def abstract_state(config, mesh: Mesh) -> dict:
 def abstract_batch(config, mesh: Mesh, batch_size: int | None = None, seq_len: int | None = None) -> dict:
     shape = (batch_size or config.train.batch_size, seq_len or config.train.seq_len)
     sh = sharding.batch_sharding(config, mesh)
+    if seq2seq.is_encoder_decoder(config):  # the encoder's rows, and the decoder's (data/seq2seq.py)
+        return {k: jax.ShapeDtypeStruct((shape[0], n), jnp.float32 if k == "weights" else jnp.int32, sharding=sh)
+                for k, n in seq2seq.row_lengths(config, shape[1]).items()}
     return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh) for k, dt in BATCH_KEYS.items()}
 
 

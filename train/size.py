@@ -33,6 +33,10 @@ def abstract_params(m) -> dict:
 
 
 def _component(path: str) -> str:
+    if path.startswith(("encoder.", "decoder.")):  # an encoder-decoder's stacks: "encoder attention", ...
+        side, rest = path.split(".", 1)
+        part = rest.split(".")[1] if rest.startswith("blocks.") else rest.split(".")[0]
+        return "norms" if part.endswith("norm") else f"{side} {part}"
     if path.startswith("blocks.attention_norm") or path.startswith("blocks.mlp_norm") or path.startswith("final_norm"):
         return "norms"
     for name in ("embed", "position_embed", "readout"):
@@ -84,6 +88,8 @@ def report(config, batch: int | None = None, seq_len: int | None = None, quantiz
     # forward and two backward; attention's scores and mixing add 12 * L * T * d per token.
     matmul_params = total - embedding + m.vocab * m.width * m.tied_embeddings
     attn = 12 * m.depth * seq_len * m.heads * checks.head_dim(m)
+    if checks.family(m) == "encoder_decoder":
+        return _encoder_decoder_report(config, batch, seq_len, components, total, embedding, quantized)
     # What the optimizer's state costs is said in one place, next to the optimizer.
     pbytes = jnp.dtype(m.param_dtype).itemsize
     train_bytes = {
@@ -110,6 +116,43 @@ def report(config, batch: int | None = None, seq_len: int | None = None, quantiz
         "training_bytes": train_bytes,
         "flops_per_token": 6 * matmul_params + attn,
         "flops_per_step": (6 * matmul_params + attn) * batch * seq_len,
+    }
+
+
+def _encoder_decoder_report(config, batch: int, seq_len: int, components: dict, total: int, embedding: int,
+                            quantized: dict | None) -> dict:
+    """`report` for an encoder-decoder: the encoder runs over seq_len input tokens a row, the decoder
+    over the target length (data/seq2seq.py), and its cross-attention's keys and values over the
+    inputs. Per-token figures are per input token (what the loop counts as a step's tokens)."""
+    from heft.data import seq2seq
+
+    m = config.model
+    S, T = seq_len, seq2seq.row_lengths(config, seq_len)["targets"]
+    Le, Ld, H, K, Dh, D = checks.encoder_depth(m), m.depth, m.heads, m.kv_heads, checks.head_dim(m), m.width
+    encoder = components["encoder attention"] + components["encoder mlp"]
+    cross_kv = 2 * Ld * D * K * Dh  # applied to the inputs, once per input token
+    decoder = (components["decoder attention"] + components["decoder cross_attention"] - cross_kv
+               + components["decoder mlp"] + components["readout"])
+    # 6 FLOPs per weight and token (forward and backward), and the attention scores and mixing.
+    row = 6 * (encoder * S + cross_kv * S + decoder * T) + 12 * H * Dh * (Le * S * S + Ld * (T * T + T * S))
+    stack = m.copy_and_resolve_references()
+    stack.depth = Le
+    activations = (activation_bytes_per_token(stack, S) - 2 * 4 * m.vocab) * S  # the encoder has no logits
+    stack.depth = Ld
+    activations += activation_bytes_per_token(stack, T) * T  # (cross-attention's few tensors not counted)
+    pbytes = jnp.dtype(m.param_dtype).itemsize
+    train_bytes = {"params": total * pbytes, "grads": total * pbytes,
+                   "optimizer": total * state_bytes_per_param(m.param_dtype), "activations": activations * batch}
+    train_bytes["total"] = sum(train_bytes.values())
+    return {
+        "name": config.name, "total_params": total, "embedding_params": embedding,
+        "non_embedding_params": total - embedding, "components": components,
+        "bytes": {k: total * v for k, v in BYTES.items() if not quantized or k in ("fp32", "bf16")}
+                 | {k: sum(bytes_by_dtype(t).values()) for k, t in (quantized or {}).items()},
+        "bytes_by_dtype": {"fp32": {"float32": total * 4}, "bf16": {"bfloat16": total * 2}}
+                          | {k: bytes_by_dtype(t) for k, t in (quantized or {}).items()},
+        "batch": batch, "seq_len": seq_len, "target_len": T, "remat": m.remat, "training_bytes": train_bytes,
+        "flops_per_token": row / S, "flops_per_step": row * batch,
     }
 
 

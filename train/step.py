@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from heft.model.checks import family
 from heft.model.decoder import bind, init_params
 from heft.train import optimizer
 
@@ -25,7 +26,10 @@ def loss_sums(config, params, batch, bind=bind):
     """(sum of weighted next-token losses, sum of weights) over a batch of [batch, length] arrays.
     `bind(model config, params)` makes the model (another for quantized parameters: heft.quantize)."""
     model = bind(config.model, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    if family(config.model) == "encoder_decoder":  # the encoder reads encoder_inputs (data/seq2seq.py)
+        logits = model(batch["encoder_inputs"], batch["inputs"], batch["encoder_segment_ids"], batch["segment_ids"])
+    else:
+        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     weights = batch["weights"].astype(jnp.float32)
     return jnp.sum(losses * weights), jnp.sum(weights)

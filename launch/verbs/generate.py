@@ -25,7 +25,7 @@ def main(argv):
     f = flags.FLAGS
     from heft.adapt import load as adapt_load
     from heft.data import tokenizer as tokenizers
-    from heft.model import decoder
+    from heft.model import checks, decoder
     from heft.quantize.checkpoint import load_any
     from heft.train import sharding
     from heft.train.manifest import CheckpointError
@@ -48,17 +48,26 @@ def main(argv):
     eos_id = tok.eos_id
     start_id = tok.bos_id if config.data.get("document_start", "eos") == "bos" else tok.eos_id
     prompts = [[start_id] + tok.encode(text) for text in f.prompt]
+    if checks.family(config.model) == "encoder_decoder":  # the prompt is the encoder's input, ended by EOS
+        from heft.data import seq2seq
+        from heft.eval import seq2seq as generate_seq2seq
+
+        prompts = [seq2seq.encoder_tokens(tok.encode(text), eos_id) for text in f.prompt]
+        run = generate_seq2seq.generate
+    else:
+        run = generate
     mesh = jax.tree.leaves(params)[0].sharding.mesh  # load_params placed them on it
     start = time.perf_counter()
     with sharding.activated(mesh, config):  # a batch that does not split evenly is padded by XLA
-        new = generate(bind(config.model, params), prompts, f.max_new_tokens,
-                       temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed,
-                       eos_id=eos_id)
+        new = run(bind(config.model, params), prompts, f.max_new_tokens,
+                  temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed,
+                  eos_id=eos_id)
     seconds = time.perf_counter() - start
     for text, tokens in zip(f.prompt, new):
         # A model's vocab may be padded past the tokenizer's pieces; such ids (and eos) have no text.
         tokens = [t for t in tokens if t < tok.vocab_size and t != eos_id]
-        print(f"{text}{tok.decode(tokens)}\n" + "-" * 40)
+        joint = "\n=> " if checks.family(config.model) == "encoder_decoder" else ""  # an output, not a continuation
+        print(f"{text}{joint}{tok.decode(tokens)}\n" + "-" * 40)
     total = sum(len(t) for t in new)
     print(f"heft generate: {total} new tokens for {len(prompts)} prompts in {seconds:.1f} s "
           f"(including compilation)")
