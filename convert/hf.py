@@ -17,12 +17,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from heft.convert import gpt2, llama, paths, safetensors_io, tokenizer
+from heft.convert import gpt2, llama, paths, safetensors_io, t5, tokenizer
 from heft.convert.errors import ConvertError
 from heft.model.checks import check_model
 from heft.model.decoder import abstract
 
-FAMILIES = {family.MODEL_TYPE: family for family in (llama, gpt2)}
+FAMILIES = {family.MODEL_TYPE: family for family in (llama, gpt2, t5)}
 
 
 # Which family, and the heft config.
@@ -59,8 +59,8 @@ def family_for(m):
         if not reasons[family.ARCHITECTURE]:
             return family
     detail = "; ".join(f"not {arch}: {', '.join(r)}" for arch, r in reasons.items())
-    raise ConvertError(f"this heft model has no Hugging Face counterpart ({detail}); export Llama- or GPT-2-shaped "
-                       "models")
+    raise ConvertError(f"this heft model has no Hugging Face counterpart ({detail}); export Llama-, GPT-2- or "
+                       "T5-shaped models")
 
 
 def heft_config(hf_dir: str, config_overrides: dict | None = None):
