@@ -74,6 +74,9 @@ def run_config(config, base_config):
             run.model[field] = base[field]
     run.data.document_start = base_config.get("data", {}).get("document_start", "eos")
     f = run.finetune
+    if f.method in HOOKS and base.get("family", "decoder") == "encoder_decoder":
+        raise ConfigError(f"finetune.method={f.method} is a decoder's; an encoder_decoder base (T5) fine-tunes with "
+                          "finetune.method=full or lora (its targets in both stacks)")
     if f.method in HOOKS:
         hook = HOOKS[f.method]
         if run.model[hook]:

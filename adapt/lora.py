@@ -1,7 +1,9 @@
 """LoRA (Hu et al., 2021) as a reparametrisation: W_eff = W + (alpha / r) * A @ B.
 
 A projection's weight W has input axes and output axes ([embed] -> [heads, head_dim] for q, k, v;
-[heads, head_dim] -> [embed] for o; ...), and blocks stack them on a leading [layers] axis. Its
+[heads, head_dim] -> [embed] for o; ...), and blocks stack them on a leading [layers] axis. Targets
+are matched by the projection's name alone, so in an encoder-decoder `q|k|v|o` takes the encoder's
+self-attention and the decoder's self- and cross-attention alike. Its
 LoRA pair is A [layers, *inputs, rank] and B [layers, rank, *outputs]: r * (d_in + d_out) weights
 per layer. The effective weight is computed inside the jitted step from the frozen W and the
 trainable A, B, so the model itself has no LoRA code and a merged model is just W_eff.
@@ -41,7 +43,7 @@ def targets(f, paths: list[tuple]) -> list[tuple]:
 
 def _split(path: tuple, shape: tuple) -> tuple[tuple, tuple, tuple]:
     """(leading, input, output) dimensions of a projection's weight."""
-    lead = 1 if path[0] == "blocks" else 0
+    lead = 1 if "blocks" in path else 0  # stacked: blocks.*, or an encoder-decoder's {encoder,decoder}.blocks.*
     n_in = INPUT_AXES[path[-1]]
     return shape[:lead], shape[lead:lead + n_in], shape[lead + n_in:]
 

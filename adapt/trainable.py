@@ -68,7 +68,7 @@ def _full_paths(run, paths: list[tuple]) -> list[tuple]:
 
 
 def _layered(path: tuple) -> bool:
-    return path[0] == "blocks"
+    return "blocks" in path  # a decoder's blocks.*, an encoder-decoder's {encoder,decoder}.blocks.*
 
 
 def _hook_paths(run) -> list[tuple]:
