@@ -36,6 +36,7 @@ def get_config():
     t.seq_len = 512  # inputs; the targets are span corruption's own 114 tokens
     t.batch_size = 128  # T5 trained on 2^16 tokens a step: 128 x 512
     t.lr = 1e-3
-    t.warmup_steps = 1000
+    t.steps = 524_288  # T5's 2^19 pretraining steps
+    t.warmup_steps = 10_000  # T5's constant-then-inverse-sqrt warmup length
     t.weight_decay = 0.0
     return c

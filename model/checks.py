@@ -97,6 +97,13 @@ def check_model(m) -> None:
         raise ConfigError(f"model.adapter_activation={m.adapter_activation!r} is unknown; choose one of "
                           f"{', '.join(ADAPTER_ACTIVATIONS)}")
     _one_of(m, "init", INITS)
+    for field in ("relative_buckets", "relative_max_distance"):
+        if field in m and not _positive_int(m[field]):
+            raise ConfigError(f"model.{field}={m[field]!r} must be a positive integer")
+    start = m.get("decoder_start", 0)
+    if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start < m.vocab:
+        raise ConfigError(f"model.decoder_start={start!r} must be a token id in 0..{m.vocab - 1} "
+                          "(T5's: the pad id, 0)")
     if family(m) not in FAMILIES:
         raise ConfigError(f"model.family={family(m)!r} is unknown; choose one of {', '.join(FAMILIES)}")
     if family(m) == "encoder_decoder":
@@ -104,7 +111,8 @@ def check_model(m) -> None:
     elif m.positions == "relative":
         raise ConfigError("model.positions='relative' is T5's bucketed bias, which only model.family=encoder_decoder "
                           "has; decoders take rope or learned")
-    if m.init == "mup" and (not isinstance(m.mup_base_width, int) or m.mup_base_width < 1):
+    # Checked whether or not they are in use, so a typo waits for no later switch to surface.
+    if not _positive_int(m.get("mup_base_width", 1)):
         raise ConfigError(f"model.mup_base_width={m.mup_base_width!r} must be a positive integer (the width at "
                           "which μP's learning rate was tuned)")
 
@@ -119,9 +127,6 @@ def _check_encoder_decoder(m) -> None:
                           "reads out with its own matrix); set model.tied_embeddings=false")
     if m.get("encoder_depth") is not None and not _positive_int(m.encoder_depth):
         raise ConfigError(f"model.encoder_depth={m.encoder_depth!r} must be a positive integer, or None for depth")
-    for field in ("relative_buckets", "relative_max_distance"):
-        if not _positive_int(m.get(field)):
-            raise ConfigError(f"model.{field}={m.get(field)!r} must be a positive integer")
     # The encoder's buckets are halved by direction, and half of each half counts exact distances:
     # the log-spaced rest spans exact .. max_distance, so max_distance must lie beyond the exact ones.
     if m.relative_buckets < 4 or m.relative_buckets % 2:
@@ -130,9 +135,6 @@ def _check_encoder_decoder(m) -> None:
         raise ConfigError(f"model.relative_max_distance={m.relative_max_distance} must exceed "
                           f"model.relative_buckets // 2 = {m.relative_buckets // 2}, the distances counted exactly; "
                           "raise it (T5: 128)")
-    if not isinstance(m.get("decoder_start", 0), int) or not 0 <= m.get("decoder_start", 0) < m.vocab:
-        raise ConfigError(f"model.decoder_start={m.get('decoder_start')!r} must be a token id in 0..{m.vocab - 1} "
-                          "(T5's: the pad id, 0)")
     for field in HOOKS:
         if hook(m, field):
             raise ConfigError(f"model.{field}={hook(m, field)} is a decoder's fine-tuning piece; an encoder_decoder "

@@ -1,6 +1,6 @@
 """The house, one floor per stage: data flows one way, and no stage imports the floor above it.
 
-    configs, model, data  ->  train  ->  eval, convert, quantize, adapt  ->  launch (the `heft` command, planning)
+    configs, model, data  ->  train  ->  eval, convert, quantize, adapt, scaling  ->  launch (the `heft` command, planning)
 
 Every import in every module (at the top or inside a function) is read with `ast`.
 """
@@ -21,7 +21,8 @@ ALLOWED = {
     "convert": {"configs", "model", "data", "train"},
     "quantize": {"configs", "model", "data", "train"},
     "adapt": {"configs", "model", "data", "train"},
-    "launch": {"configs", "model", "data", "train", "eval", "convert", "quantize", "adapt"},
+    "scaling": {"configs", "model", "data", "train"},
+    "launch": {"configs", "model", "data", "train", "eval", "convert", "quantize", "adapt", "scaling"},
 }
 
 

@@ -22,6 +22,7 @@ COUNTS = {
     ("train", "steps"): (1, "optimizer updates"),
     ("train", "batch_size"): (1, "sequences per step, over all processes"),
     ("train", "seq_len"): (1, "tokens per sequence"),
+    ("train", "target_len"): (0, "an encoder-decoder's decoder row; 0 picks it from the data"),
     ("train", "micro_batches"): (1, "gradient-accumulation pieces of the batch"),
     ("train", "warmup_steps"): (0, "steps of linear warmup"),
     ("train", "seed"): (0, "the parameter-init seed"),
