@@ -66,7 +66,8 @@ def _check_resume(run, identity: dict, resume) -> None:
 def shardings(run, mesh, abstract: dict) -> dict:
     """NamedShardings of the trainable weights, from their logical axis names and the rules table."""
     names = trainable.names(run)
-    wrapped = trainable.nested({p: nnx.Param(x, out_sharding=names[p], eager_sharding=False) for p, x in trainable.flat(abstract).items()})
+    wrapped = trainable.nested({p: nnx.Param(x, out_sharding=names[p], eager_sharding=False)
+                                for p, x in trainable.flat(abstract).items()})
     return sharding.param_shardings(wrapped, mesh, run)
 
 

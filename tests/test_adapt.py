@@ -68,6 +68,17 @@ def test_lora_fold_equals_the_low_rank_branch_computed_in_numpy():
         np.testing.assert_allclose(x @ folded[layer].reshape(16, 32), want, rtol=1e-5, atol=1e-5)
 
 
+def test_lora_dropout_draws_one_mask_per_step_and_is_off_in_evaluation():
+    run = _run(tiny, "lora", lora_dropout=0.5)  # alpha 16: with A and B all ones, A @ B adds alpha to W
+    ones = lambda tree: jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), tree)
+    base, weights = ones(decoder.abstract_params(run.model)), ones(trainable.abstract(run))
+    q = lambda step: np.asarray(trainable.params(run, weights, base, step)["blocks"]["attention"]["q"])
+    np.testing.assert_array_equal(q(None), 17.0)  # evaluation: 1 + 16, no dropout
+    assert set(np.unique(q(3))) == {1.0, 33.0}  # an input row of A dropped adds 0, a kept one 16 / (1 - 0.5)
+    np.testing.assert_array_equal(q(3), q(3))
+    assert not np.array_equal(q(3), q(4))
+
+
 def _small(method, **fields):
     c = tiny.get_config()
     c.model.update(vocab=256, width=64, depth=2, heads=4, kv_heads=2, mlp_width=128)
@@ -122,6 +133,17 @@ def test_bad_finetune_fields_are_one_line_errors():
         trainable.abstract(_run(tiny, "full", freeze="nothing"))
     with pytest.raises(ConfigError, match=r"finetune.freeze_layers=4 freezes every one of the base's 4 blocks"):
         _run(tiny, "full", freeze_layers=4)
+
+
+def test_a_base_that_is_not_a_checkpoint_is_one_line(tmp_path):
+    from heft.adapt import finetune
+    from heft.train.manifest import CheckpointError
+
+    with pytest.raises(CheckpointError, match=rf"checkpoint {tmp_path / 'nope'} does not exist; pass a workdir"):
+        finetune.identify(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
+        finetune.identify(str(tmp_path / "empty"))
 
 
 def test_pairs_put_the_loss_on_the_completion_and_its_end():

@@ -14,6 +14,7 @@ import pytest
 
 from heft.adapt import config as adapt_config
 from heft.adapt import finetune, load, trainable
+from heft.convert.checkpoints import run_export
 from heft.configs import milton, tiny
 from heft.data import corpus, processes
 from heft.eval.heldout import evaluate
@@ -90,7 +91,7 @@ def test_each_method_lowers_the_task_loss_and_leaves_the_base_bit_equal(base, me
     assert facts["method"] == method and facts["base"]["path"] == os.path.join(base_dir, "checkpoints", "40")
 
 
-def test_merged_lora_equals_the_unmerged_fine_tune_as_a_plain_model(base):
+def test_merged_lora_equals_the_unmerged_fine_tune_and_exports_as_a_plain_model(base):
     root = base[0]
     workdir, _ = _finetuned(base, "lora")
     out = str(root / "merged")
@@ -101,6 +102,8 @@ def test_merged_lora_equals_the_unmerged_fine_tune_as_a_plain_model(base):
     tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, 512)
     np.testing.assert_allclose(np.asarray(decoder.bind(config.model, merged)(tokens)),
                                np.asarray(decoder.bind(run.model, unmerged)(tokens)), rtol=1e-5, atol=1e-5)
+    files = run_export(out, str(root / "merged_hf"))  # a plain model exports to Hugging Face as any other
+    assert "config.json" in files and any(f.endswith(".safetensors") for f in files)
 
 
 def _heft(*args):
@@ -112,7 +115,7 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_cli_resumes_bit_for_bit_refuses_another_base_and_evaluates_the_fine_tune(base):
+def test_cli_resumes_bit_for_bit_refuses_another_base_then_evaluates_and_generates(base):
     root, base_dir, _, _ = base
     straight, _ = _finetuned(base, "adapter")  # the run the CLI's interrupted one must equal
     preset = os.path.join(ROOT, "configs", "milton.py") + ":adapter"
@@ -142,6 +145,9 @@ def test_cli_resumes_bit_for_bit_refuses_another_base_and_evaluates_the_fine_tun
     evaluated = json.loads(r.stdout.strip().splitlines()[-1])
     run, params, tokenizer = load.load_params(straight)
     np.testing.assert_allclose(evaluated["eval_loss"], _task_loss(run, params, tokenizer), rtol=1e-5)
+    r = _heft("generate", f"--checkpoint={split}", "--prompt=Of Mans First Disobedience\n", "--max_new_tokens=8",
+              "--temperature=0")
+    assert r.returncode == 0 and "heft generate: " in r.stdout, r.stderr[-3000:]
 
 
 def test_a_llama_imported_from_hugging_face_fine_tunes_as_a_heft_checkpoint_does(tmp_path):
