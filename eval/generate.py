@@ -44,17 +44,24 @@ def pad_prompts(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.n
     return tokens, np.array([len(p) for p in prompts], np.int32)
 
 
-def check_request(m, prompts: list[list[int]], max_new_tokens: int) -> None:
-    """Raises ConfigError, before anything compiles, for a request the model cannot serve."""
+def check_tokens(m, prompts: list[list[int]], max_new_tokens: int,
+                 empty: str = "start it with at least one (e.g. EOS)") -> None:
+    """Raises ConfigError for no prompts, an empty one (`empty` says what to do), a token outside the
+    vocabulary or nothing to generate: what a decoder and an encoder-decoder both refuse."""
     if not prompts:
         raise ConfigError("no prompts given; pass at least one")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1")
     for i, prompt in enumerate(prompts):
         if not prompt:
-            raise ConfigError(f"prompt {i} has no tokens; start it with at least one (e.g. EOS)")
+            raise ConfigError(f"prompt {i} has no tokens; {empty}")
         if min(prompt) < 0 or max(prompt) >= m.vocab:
             raise ConfigError(f"prompt {i} has a token outside 0..{m.vocab - 1} (model.vocab={m.vocab})")
+
+
+def check_request(m, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Raises ConfigError, before anything compiles, for a request the model cannot serve."""
+    check_tokens(m, prompts, max_new_tokens)
     longest = max(len(p) for p in prompts)
     # The last token fed to the model sits at position longest + max_new_tokens - 2.
     if m.positions == "learned" and longest + max_new_tokens - 1 > m.max_len:

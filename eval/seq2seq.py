@@ -18,7 +18,8 @@ import numpy as np
 from flax import nnx
 
 from heft.eval import sampling
-from heft.eval.generate import CACHE_MULTIPLE, check_sampling, cut_after_eos, pad_prompts, padded_lengths
+from heft.eval.generate import (CACHE_MULTIPLE, check_sampling, check_tokens, cut_after_eos, pad_prompts,
+                                padded_lengths)
 from heft.model import precision
 from heft.model.checks import ConfigError
 from heft.model.decoder import init_cache
@@ -26,15 +27,8 @@ from heft.model.decoder import init_cache
 
 def check_request(m, prompts: list[list[int]], max_new_tokens: int) -> None:
     """Raises ConfigError, before anything compiles, for a request the model cannot serve."""
-    if not prompts:
-        raise ConfigError("no prompts given; pass at least one")
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    check_tokens(m, prompts, max_new_tokens, empty="an encoder input holds at least its EOS")
     for i, prompt in enumerate(prompts):
-        if not prompt:
-            raise ConfigError(f"prompt {i} has no tokens; an encoder input holds at least its EOS")
-        if min(prompt) < 0 or max(prompt) >= m.vocab:
-            raise ConfigError(f"prompt {i} has a token outside 0..{m.vocab - 1} (model.vocab={m.vocab})")
         if len(prompt) > m.max_len:
             raise ConfigError(f"prompt {i} is {len(prompt)} tokens with its EOS but model.max_len={m.max_len} is the "
                               "longest input this encoder-decoder reads (its relative positions were trained up "
