@@ -95,6 +95,7 @@ def _plots(rows: list[dict], points: list[sweep.Point], laws: dict, out) -> list
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     written = []
 
@@ -127,6 +128,7 @@ def _plots(rows: list[dict], points: list[sweep.Point], laws: dict, out) -> list
                     label=f"{law['E']:.2f} + {law['A']:.3g}·x^-{law['alpha']:.3f} (R² {law['r2']:.3f})")
             ax.legend(fontsize=8)
         ax.set(xscale="log", xlabel=label, ylabel="held-out loss (nats/token)", title=f"final loss vs {axis}")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # a sweep's short span labels every minor tick
         save(fig, f"loss_vs_{axis}.png")
     if laws.get("lr_optimum"):
         panels = sorted({r.get("model.init", "") for r in rows})
@@ -171,7 +173,7 @@ def summary(result: dict) -> str:
     for name, law in result["fits"].items():
         if name.startswith("loss_vs_"):
             ci = law["intervals_95"].get("alpha")
-            ci = f" (95% CI {ci[0]:.3f}..{ci[1]:.3f})" if ci else ""
+            ci = f" (α's 95% CI {ci[0]:.3f}..{ci[1]:.3f})" if ci else ""
             lines.append(f"  {name}: L = {law['E']:.3f} + {law['A']:.4g}·x^-{law['alpha']:.3f}{ci}, R² {law['r2']:.3f}")
     by_panel: dict = {}
     for o in result["fits"].get("lr_optimum", []):
