@@ -102,7 +102,7 @@ def check_model(m) -> None:
     _one_of(m, "rope_scaling", ROPE_SCALINGS)
     if m.get("mlp", "dense") not in MLPS:
         raise ConfigError(f"model.mlp={m.mlp!r} is unknown; choose one of {', '.join(MLPS)}")
-    if sparse(m):
+    if "moe" in m:  # the fields are checked with the feature off too (configs saved before it have none)
         _check_moe(m)
     for field in HOOKS:
         value = hook(m, field)
@@ -157,7 +157,7 @@ def _check_encoder_decoder(m) -> None:
 
 
 def _check_moe(m) -> None:
-    """The `model.moe` fields of a mixture of experts."""
+    """The `model.moe` fields (whatever model.mlp is), and what a mixture of experts rules out."""
     e = m.moe
     for field in ("experts", "top_k"):
         if not _positive_int(e[field]):
@@ -174,6 +174,8 @@ def _check_moe(m) -> None:
     for field in ("balance_loss_weight", "z_loss_weight"):
         if not isinstance(e[field], (int, float)) or not e[field] >= 0:
             raise ConfigError(f"model.moe.{field}={e[field]!r} must be >= 0 (0 leaves that router loss out)")
+    if not sparse(m):
+        return
     if m.use_bias:
         raise ConfigError("model.use_bias=True is not supported with model.mlp=moe (the experts have no biases, as "
                           "in Mixtral); set model.use_bias=false")
