@@ -15,9 +15,9 @@ MESHES = {"expert4_x_data2": (2, 1, 4, 1), "expert4_x_fsdp2": (1, 2, 4, 1), "exp
 B, T = 8, 32
 
 
-def _config(data=1, fsdp=1, expert=1, tensor=1, capacity_factor=0.0):
+def _config(data=1, fsdp=1, expert=1, tensor=1, capacity_factor=0.0, depth=2):
     c = tiny_moe.get_config()
-    c.model.update(depth=2, remat="none", scan_layers=False)  # small and unrolled: compiles fast
+    c.model.update(depth=depth, remat="none", scan_layers=False)  # small and unrolled: compiles fast
     c.model.moe.capacity_factor = capacity_factor
     c.mesh.update(data=data, fsdp=fsdp, expert=expert, tensor=tensor)
     c.train.update(batch_size=B, seq_len=T)
@@ -50,11 +50,12 @@ def test_logits_on_expert_meshes_equal_one_device(capacity_factor):
         np.testing.assert_allclose(got, one, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow  # ~35-60 s here: the step compiled for 1 device and for 8
 def test_one_training_step_on_expert_x_fsdp_equals_one_device():
     """The backward pass through the expert dispatch (all-gather, reduce-scatter) gives one device's
     loss, router losses and updated parameters."""
     results, initial = [], None
-    for c, devices in ((_config(), jax.devices()[:1]), (_config(*MESHES["expert4_x_fsdp2"]), jax.devices())):
+    for c, devices in ((_config(depth=1), jax.devices()[:1]), (_config(*MESHES["expert4_x_fsdp2"], depth=1), jax.devices())):
         mesh = sharding.make_mesh(c, devices)
         if initial is None:
             state = compiled.init_state(c, mesh)
