@@ -36,6 +36,7 @@ from heft.model import checks, init, precision
 from heft.model.axes import constrain
 from heft.model.mlp import ACTIVATIONS, GATED
 
+
 class MoE(nnx.Module):
     """The router [embed, experts] and the experts' stacked weights: gate and up
     [experts, embed, expert_width] (gate only for gated activations), down [experts, expert_width, embed]."""
