@@ -17,7 +17,7 @@ import math
 
 from heft.launch import plan as planning
 from heft.launch import topology
-from heft.model.checks import ConfigError
+from heft.model.checks import ConfigError, expert_width, sparse
 from heft.train import checks, sharding
 
 REMATS = ("none", "save_matmuls", "full")
@@ -56,7 +56,8 @@ def layouts(config, chips: int) -> list[tuple[int, int, int]]:
     chips //= expert
     out = []
     for tensor in TENSOR:
-        if chips % tensor or any(d % tensor for d in (m.heads, m.kv_heads, m.mlp_width, m.vocab)):
+        widths = (m.heads, m.kv_heads, expert_width(m) if sparse(m) else m.mlp_width, m.vocab)
+        if chips % tensor or any(d % tensor for d in widths):
             continue
         for fsdp in _divisors(chips // tensor):
             data = chips // tensor // fsdp

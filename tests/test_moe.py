@@ -311,3 +311,16 @@ def test_a_moe_base_fine_tunes_with_lora_on_the_attention():
         state, metrics = train(state, batch)
         losses.append(float(metrics["loss"]))
     assert all(b < a for a, b in zip(losses[1:], losses[2:])) and losses[-1] < losses[0] - 0.05, losses
+
+
+def test_plan_search_keeps_the_expert_axis_and_splits_the_rest():
+    from heft.configs import mixtral_8x7b
+    from heft.launch import search
+
+    c = mixtral_8x7b.get_config()  # mesh.expert = 8
+    c.model.moe.expert_width = 7168  # tensor splits each expert's width, not mlp_width
+    layouts = search.layouts(c, 128)
+    assert layouts and all(d * f * t == 128 // 8 for d, f, t in layouts)
+    assert {t for _, _, t in layouts} == {1, 2, 4, 8}
+    c.model.moe.expert_width = 7169  # odd: no tensor split divides it
+    assert {t for _, _, t in search.layouts(c, 128)} == {1}
