@@ -34,6 +34,10 @@ def targets(f, paths: list[tuple]) -> list[tuple]:
     pattern = re.compile(f.lora_targets)
     present = [p for p in paths if p[-1] in PROJECTIONS]
     chosen = [p for p in present if pattern.fullmatch(p[-1])]
+    experts = [p for p in chosen if "moe" in p]  # [layers, experts, ...]: no LoRA pair is laid out for them
+    if experts:
+        raise ConfigError(f"finetune.lora_targets={f.lora_targets!r} takes a mixture of experts' expert weights "
+                          f"({'.'.join(experts[0])}), which LoRA does not adapt; target the attention (e.g. 'q|k|v|o')")
     if not chosen:
         names = sorted({p[-1] for p in present}, key=PROJECTIONS.index)
         raise ConfigError(f"finetune.lora_targets={f.lora_targets!r} matches no projection of this model; "

@@ -55,6 +55,20 @@ def get_config() -> ml_collections.ConfigDict:
     # positions at every document, so without the mask a token would also see the previous
     # document's keys at RoPE offsets it never meets at inference (MaxText masks and resets together).
     m.document_mask = True
+    # The MLP of every block: dense, or moe, a mixture of experts (Mixtral's; model/moe.py): a router
+    # sends each token to top_k of `experts` gated MLPs, so parameters grow while the work per token does not.
+    m.mlp = "dense"  # dense | moe
+    e = m.moe = ml_collections.ConfigDict()
+    e.experts = 8  # E
+    e.top_k = 2  # experts per token
+    e.expert_width = config_dict.placeholder(int)  # each expert's hidden width; None: mlp_width
+    # 0: dropless (every choice is computed: tokens sorted by expert, grouped matmuls, jax.lax.ragged_dot).
+    # > 0: each expert takes at most capacity_factor * its even share of a sequence's tokens; the rest drop.
+    e.capacity_factor = 0.0
+    # Router losses added to the training loss (each logged in metrics.jsonl): load balancing (Switch;
+    # top_k when balanced) and z-loss (ST-MoE: mean squared logsumexp of the router's logits).
+    e.balance_loss_weight = 0.01
+    e.z_loss_weight = 0.001
     # Fine-tuning's pieces, set by heft finetune from the finetune section below (0 is off; with all
     # three off the model is exactly the pretrained one).
     m.adapter_width = 0  # bottleneck adapters after the attention and the MLP of every block
@@ -78,10 +92,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # Expert parallelism (model.mlp=moe): each device holds model.moe.experts / mesh.expert of every layer's
+    # experts; the batch is split over this axis too, so attention and the dense parts see data parallelism.
+    c.mesh.expert = 1
     # Logical axis -> mesh axes (a name, a tuple of names, or None for replicated).
     # One table for every parameter and activation; change the parallelism here, never in model/.
     c.mesh.rules = (
-        ("batch", ("slices", "data", "fsdp")),
+        ("batch", ("slices", "data", "fsdp", "expert")),
         ("length", None),
         ("embed", "fsdp"),
         ("vocab", "tensor"),
@@ -90,6 +107,7 @@ def get_config() -> ml_collections.ConfigDict:
         ("head_dim", None),
         ("mlp", "tensor"),
         ("layers", None),
+        ("expert", "expert"),  # a mixture of experts' stacked expert weights (train/experts.py runs them)
         ("act_embed", None),
         ("act_heads", "tensor"),
         ("act_kv_heads", "tensor"),

@@ -17,12 +17,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from heft.convert import gpt2, llama, paths, safetensors_io, t5, tokenizer
+from heft.convert import gpt2, llama, mixtral, paths, safetensors_io, t5, tokenizer
 from heft.convert.errors import ConvertError
-from heft.model.checks import check_model
+from heft.model.checks import check_model, sparse
 from heft.model.decoder import abstract
 
-FAMILIES = {family.MODEL_TYPE: family for family in (llama, gpt2, t5)}
+FAMILIES = {family.MODEL_TYPE: family for family in (llama, gpt2, t5, mixtral)}
 
 
 # Which family, and the heft config.
@@ -56,6 +56,9 @@ def family_for(m):
     reasons = {}
     for family in FAMILIES.values():
         reasons[family.ARCHITECTURE] = family.unfit(m)
+        mlp = getattr(family, "MLP", "dense")  # a mixture of experts exports only to a family that has one
+        if mlp != ("moe" if sparse(m) else "dense"):
+            reasons[family.ARCHITECTURE].append(f"model.mlp={m.get('mlp', 'dense')!r} ({family.ARCHITECTURE}: {mlp})")
         if not reasons[family.ARCHITECTURE]:
             return family
     detail = "; ".join(f"not {arch}: {', '.join(r)}" for arch, r in reasons.items())
@@ -131,10 +134,11 @@ def _check_tensors(reader, plan, family, m, hf_dir: str) -> None:
 # Import.
 
 
-def _layer_sharding(sharding):
-    """The sharding of one layer of a [depth, ...] parameter: its spec without the first entry."""
+def _layer_sharding(sharding, n: int = 1):
+    """The sharding of one layer of a [depth, ...] parameter (one (layer, expert) slot of a
+    [depth, experts, ...] one: n=2): its spec without the first n entries."""
     if isinstance(sharding, NamedSharding):
-        return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+        return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[n:]))
     return sharding
 
 
@@ -156,8 +160,15 @@ def _layer_writer(sharding):
                    out_shardings=sharding, donate_argnums=0)
 
 
+@cache
+def _slot_writer(sharding):
+    """As `_layer_writer`, for one (layer, expert) slot of a [depth, experts, ...] parameter."""
+    return jax.jit(lambda stacked, slot, i, e: jax.lax.dynamic_update_slice(
+        stacked, slot[None, None], (i, e) + (0,) * slot.ndim), out_shardings=sharding, donate_argnums=0)
+
+
 def import_hf(hf_dir: str, mesh=None, config_overrides: dict | None = None):
-    """Reads a Hugging Face Llama or GPT-2 folder (config.json + safetensors) into heft.
+    """Reads a Hugging Face Llama, GPT-2 or Mixtral folder (config.json + safetensors) into heft.
 
     mesh: place each parameter into the shards `heft.train.sharding.param_shardings` gives on it;
       None puts everything on the first device.
@@ -196,6 +207,10 @@ def import_hf(hf_dir: str, mesh=None, config_overrides: dict | None = None):
                     continue
                 if path not in arrays:
                     arrays[path] = _zeros(tuple(expected[path].shape), dtype, shardings[path])()
+                if isinstance(layer, tuple):  # (layer, expert): a mixture of experts' stacked experts
+                    part = _put(view, _layer_sharding(shardings[path], 2), dtype)
+                    arrays[path] = _slot_writer(shardings[path])(arrays[path], part, *map(jnp.int32, layer))
+                    continue
                 part = _put(view, _layer_sharding(shardings[path]), dtype)
                 arrays[path] = _layer_writer(shardings[path])(arrays[path], part, jnp.int32(layer))
             del w

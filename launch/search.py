@@ -17,7 +17,7 @@ import math
 
 from heft.launch import plan as planning
 from heft.launch import topology
-from heft.model.checks import ConfigError
+from heft.model.checks import ConfigError, expert_width, sparse
 from heft.train import checks, sharding
 
 REMATS = ("none", "save_matmuls", "full")
@@ -49,15 +49,19 @@ def _divisors(n: int) -> list[int]:
 
 
 def layouts(config, chips: int) -> list[tuple[int, int, int]]:
-    """(data, fsdp, tensor) splits of one slice's `chips` that the model's widths and the batch divide."""
+    """(data, fsdp, tensor) splits of one slice's `chips` that the model's widths and the batch divide
+    (of the chips the config's `mesh.expert` leaves: the expert axis is kept as the config sets it)."""
     m = config.model
+    expert = config.mesh.get("expert", 1)
+    chips //= expert
     out = []
     for tensor in TENSOR:
-        if chips % tensor or any(d % tensor for d in (m.heads, m.kv_heads, m.mlp_width, m.vocab)):
+        widths = (m.heads, m.kv_heads, expert_width(m) if sparse(m) else m.mlp_width, m.vocab)
+        if chips % tensor or any(d % tensor for d in widths):
             continue
         for fsdp in _divisors(chips // tensor):
             data = chips // tensor // fsdp
-            sizes = {"slices": sharding.slices(config), "data": data, "fsdp": fsdp, "tensor": tensor}
+            sizes = {"slices": sharding.slices(config), "data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
             if m.width % fsdp == 0 and config.train.batch_size % checks.batch_devices(config, sizes) == 0:
                 out.append((data, fsdp, tensor))
     return out
@@ -76,7 +80,7 @@ def with_overrides(config, layout=None, remat=None, micro_batches=None):
 
 def _micro_counts(config, layout) -> list[int]:
     """Micro-batch counts that leave each micro-batch divisible over the batch's devices."""
-    per_device = config.train.batch_size // (sharding.slices(config) * layout[0] * layout[1])
+    per_device = config.train.batch_size // (sharding.slices(config) * layout[0] * layout[1] * config.mesh.get("expert", 1))
     return _divisors(per_device)
 
 

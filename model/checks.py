@@ -9,6 +9,7 @@ INITS = ("scaled_normal", "mup")
 ROPE_SCALINGS = ("none", "llama3")
 ADAPTER_ACTIVATIONS = ("relu", "gelu", "silu")
 HOOKS = ("adapter_width", "prefix_length", "prompt_length")
+MLPS = ("dense", "moe")  # moe: a mixture of experts in every block (model/moe.py, the model.moe fields)
 FAMILIES = ("decoder", "encoder_decoder")
 
 
@@ -36,6 +37,16 @@ def family(m) -> str:
 def encoder_depth(m) -> int:
     """The encoder's blocks (encoder_decoder): `model.encoder_depth` if given, else depth."""
     return m.get("encoder_depth") or m.depth
+
+
+def sparse(m) -> bool:
+    """Whether the blocks hold a mixture of experts (`model.mlp=moe`); dense in configs saved before the field existed."""
+    return m.get("mlp", "dense") == "moe"
+
+
+def expert_width(m) -> int:
+    """Each expert's hidden width: `model.moe.expert_width` if given, else model.mlp_width."""
+    return m.moe.expert_width or m.mlp_width
 
 
 def head_dim(m) -> int:
@@ -89,6 +100,10 @@ def check_model(m) -> None:
     _one_of(m, "compute_dtype", DTYPES)
     _one_of(m, "remat", REMAT)
     _one_of(m, "rope_scaling", ROPE_SCALINGS)
+    if m.get("mlp", "dense") not in MLPS:
+        raise ConfigError(f"model.mlp={m.mlp!r} is unknown; choose one of {', '.join(MLPS)}")
+    if "moe" in m:  # the fields are checked with the feature off too (configs saved before it have none)
+        _check_moe(m)
     for field in HOOKS:
         value = hook(m, field)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -139,3 +154,30 @@ def _check_encoder_decoder(m) -> None:
         if hook(m, field):
             raise ConfigError(f"model.{field}={hook(m, field)} is a decoder's fine-tuning piece; an encoder_decoder "
                               "fine-tunes with finetune.method=full or lora")
+
+
+def _check_moe(m) -> None:
+    """The `model.moe` fields (whatever model.mlp is), and what a mixture of experts rules out."""
+    e = m.moe
+    for field in ("experts", "top_k"):
+        if not _positive_int(e[field]):
+            raise ConfigError(f"model.moe.{field}={e[field]!r} must be a positive integer")
+    if e.top_k > e.experts:
+        raise ConfigError(f"model.moe.top_k={e.top_k} exceeds model.moe.experts={e.experts}: a token cannot choose more "
+                          "experts than there are; lower top_k or add experts")
+    if e.expert_width is not None and not _positive_int(e.expert_width):
+        raise ConfigError(f"model.moe.expert_width={e.expert_width!r} must be a positive integer, or None for "
+                          "model.mlp_width")
+    if not isinstance(e.capacity_factor, (int, float)) or not e.capacity_factor >= 0:
+        raise ConfigError(f"model.moe.capacity_factor={e.capacity_factor!r} must be >= 0 (0: dropless; e.g. 1.25: "
+                          "each expert takes at most 1.25 times its even share of a sequence's tokens)")
+    for field in ("balance_loss_weight", "z_loss_weight"):
+        if not isinstance(e[field], (int, float)) or not e[field] >= 0:
+            raise ConfigError(f"model.moe.{field}={e[field]!r} must be >= 0 (0 leaves that router loss out)")
+    if not sparse(m):
+        return
+    if m.use_bias:
+        raise ConfigError("model.use_bias=True is not supported with model.mlp=moe (the experts have no biases, as "
+                          "in Mixtral); set model.use_bias=false")
+    if m.get("family", "decoder") != "decoder":
+        raise ConfigError(f"model.mlp=moe is a decoder's; model.family={m.family!r} takes model.mlp=dense")

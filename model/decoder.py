@@ -18,6 +18,7 @@ from heft.model.adapter import Adapter
 from heft.model.attention import Attention
 from heft.model.axes import constrain
 from heft.model.mlp import MLP
+from heft.model.moe import MoE
 from heft.model.norms import Norm
 
 REMAT_POLICIES = {
@@ -27,31 +28,39 @@ REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-    """x + attention(norm(x)), then x + mlp(norm(x))."""
+    """x + attention(norm(x)), then x + mlp(norm(x)); the mlp is a mixture of experts with model.mlp=moe."""
 
     def __init__(self, m, rngs: nnx.Rngs):
         self.m = m
         self.attention_norm = Norm(m, rngs)
         self.attention = Attention(m, rngs)
         self.mlp_norm = Norm(m, rngs)
-        self.mlp = MLP(m, rngs)
+        if checks.sparse(m):
+            self.moe = MoE(m, rngs)  # in the MLP's place: a router and its experts (model/moe.py)
+        else:
+            self.mlp = MLP(m, rngs)
         if checks.hook(m, "adapter_width"):
             self.attention_adapter = Adapter(m, rngs)
             self.mlp_adapter = Adapter(m, rngs)
 
     def __call__(self, x, positions, segment_ids=None, cache=None, prefix=None):
-        """x: [batch, length, embed] -> ([batch, length, embed], cache). prefix: see Attention."""
+        """x: [batch, length, embed] -> ([batch, length, embed], cache, router losses). prefix: see
+        Attention. The router losses are None, or with model.mlp=moe {name: float32 scalar} (MoE's)."""
         adapters = checks.hook(self.m, "adapter_width")
         h = precision.compute(self.attention_norm(x), self.m)
         h, cache = self.attention(h, positions, segment_ids, cache, prefix)
         if adapters:
             h = self.attention_adapter(h)
         x = x + h.astype(x.dtype)
-        h = self.mlp(precision.compute(self.mlp_norm(x), self.m))
+        h, router = precision.compute(self.mlp_norm(x), self.m), None
+        if checks.sparse(self.m):
+            h, router = self.moe(h)
+        else:
+            h = self.mlp(h)
         if adapters:
             h = self.mlp_adapter(h)
         x = constrain(x + h.astype(x.dtype), "batch", "length", "act_embed")
-        return x, cache
+        return x, cache, router
 
 
 class Decoder(nnx.Module):
@@ -84,14 +93,17 @@ class Decoder(nnx.Module):
         if checks.hook(m, "prompt_length"):
             self.prompt = init.param(rngs, init.embedding(m), (m.prompt_length, m.width), ("prefix", "embed"), m)
 
-    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, return_hidden=False):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, return_hidden=False,
+                 return_router_losses=False):
         """Next-token logits.
 
         tokens: [batch, length] int; positions: [batch, length] (default 0..length-1);
         segment_ids: [batch, length], documents packed in a row (used when model.document_mask);
         cache: None, or per-layer (keys, values, end) stacked on a leading [depth] axis (decoding).
         Returns logits [batch, length, vocab] float32; with a cache, (logits, cache); with
-        return_hidden, also the residual stream after each block [depth, batch, length, embed].
+        return_hidden, also the residual stream after each block [depth, batch, length, embed];
+        with return_router_losses, (that, router losses): a mixture of experts' auxiliary losses
+        {name: float32 scalar}, each the mean over layers (None for a dense model).
         """
         m = self.m
         if positions is None:
@@ -103,7 +115,7 @@ class Decoder(nnx.Module):
             prefix = self._prompt_prefix()
             positions = positions + m.prompt_length  # the prompt holds positions 0..prompt_length-1
         x = self._embed(tokens, positions)
-        x, cache, hidden = self._blocks(x, positions, segment_ids, cache, prefix, return_hidden)
+        x, cache, hidden, router = self._blocks(x, positions, segment_ids, cache, prefix, return_hidden)
         x = precision.compute(self.final_norm(x), m)
         if m.tied_embeddings:
             w = precision.compute(self.embed[...], m).T
@@ -112,6 +124,8 @@ class Decoder(nnx.Module):
         logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=precision.STATS)
         logits = constrain(logits, "batch", "length", "act_vocab")
         out = (logits, cache) if cache is not None else logits
+        if return_router_losses:
+            out = (out, jax.tree.map(jnp.mean, router))
         return (out, hidden) if return_hidden else out
 
     def _embed(self, tokens, positions):
@@ -126,7 +140,8 @@ class Decoder(nnx.Module):
         return constrain(precision.compute(x, m), "batch", "length", "act_embed")
 
     def _blocks(self, x, positions, segment_ids, cache, prefix, return_hidden):
-        """Every block in turn (under a scan): x [batch, length, embed] -> (x, cache, hidden).
+        """Every block in turn (under a scan): x [batch, length, embed] -> (x, cache, hidden, router
+        losses), the last two stacked on a leading [depth] axis (None when not asked for / dense).
         cache and prefix, when given, hold one entry per layer on a leading [depth] axis."""
         m = self.m
 
@@ -136,12 +151,12 @@ class Decoder(nnx.Module):
         if m.remat != "none":
             layer = nnx.remat(layer, policy=REMAT_POLICIES[m.remat], prevent_cse=False)
 
-        @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0),
+        @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0, 0),
                   unroll=1 if m.scan_layers else True,
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
         def run(block, x, cache, prefix):
-            x, cache = layer(block, x, cache, prefix)
-            return x, cache, (x if return_hidden else None)
+            x, cache, router = layer(block, x, cache, prefix)
+            return x, cache, (x if return_hidden else None), router
 
         return run(self.blocks, x, cache, prefix)
 
@@ -157,7 +172,7 @@ class Decoder(nnx.Module):
         if m.positions == "learned":
             x = x + self.position_embed[...][:p][None]
         cache = init_cache(m, 1, p, precision.dtype(m.compute_dtype))
-        _, (keys, values, _), _ = self._blocks(precision.compute(x, m), positions, None, cache, None, False)
+        _, (keys, values, _), _, _ = self._blocks(precision.compute(x, m), positions, None, cache, None, False)
         return keys, values
 
 

@@ -1,4 +1,7 @@
-"""The feed-forward network: relu / gelu, or the gated swiglu / geglu (Llama's is swiglu)."""
+"""The feed-forward network: relu / gelu, or the gated swiglu / geglu (Llama's is swiglu).
+
+The dense MLP of every block, unless `model.mlp=moe` puts a mixture of experts (model/moe.py) in its place.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +11,8 @@ from heft.model import init, precision
 from heft.model.axes import constrain
 
 GATED = ("swiglu", "geglu")
-_ACT = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "swiglu": jax.nn.silu, "geglu": jax.nn.gelu}
+# Each activation: the function on the up-projection (gated ones: on the gate, times the up-projection).
+ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "swiglu": jax.nn.silu, "geglu": jax.nn.gelu}
 
 
 class MLP(nnx.Module):
@@ -33,7 +37,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         """[batch, length, embed] -> [batch, length, embed]."""
-        act = _ACT[self.m.activation]
+        act = ACTIVATIONS[self.m.activation]
         if self.m.activation in GATED:
             h = act(self._dense(x, "gate")) * self._dense(x, "up")
         else:

@@ -8,7 +8,7 @@ consecutive inputs along its innermost contraction axis (qwix's `tile_size`): em
 gate and the readout, head_dim for o, mlp for down.
 """
 
-from heft.model.checks import ConfigError, head_dim
+from heft.model.checks import ConfigError, head_dim, sparse
 
 WEIGHTS = ("none", "int8", "int4")
 # qwix matches module paths joined by "/": the blocks' attention and MLP, and the decoder itself
@@ -43,6 +43,9 @@ def check_section(q: dict, m) -> None:
     """`check` for a quantize section `q` against model config `m` (a fine-tune's is its base's)."""
     if q["weights"] not in WEIGHTS:
         raise ConfigError(f"quantize.weights={q['weights']!r} is unknown; choose one of {', '.join(WEIGHTS)}")
+    if q["weights"] != "none" and sparse(m):  # the qwix rules above name the dense MLP, not the experts
+        raise ConfigError(f"quantize.weights={q['weights']} with model.mlp=moe: heft does not quantize a mixture of "
+                          "experts' expert weights; set quantize.weights=none")
     group = q["group_size"]
     if not isinstance(group, int) or isinstance(group, bool) or group < 0:
         raise ConfigError(f"quantize.group_size={group!r} must be 0 (one scale per output channel) or a positive "

@@ -44,7 +44,7 @@ def test_tiny_compiles_and_parameter_bytes_per_chip_match_closed_form(topology_n
     p = _plan(topology_name, **overrides)
     chips = topology.parse(topology_name).chips
     count = size.report(_tiny())["total_params"]
-    assert p.chips == chips and p.mesh == {"slices": 1, "data": 1, "fsdp": chips, "tensor": 1}
+    assert p.chips == chips and p.mesh == {"slices": 1, "data": 1, "fsdp": chips, "expert": 1, "tensor": 1}
     assert p.params == pytest.approx(count * nbytes / chips, rel=0.01)
     assert p.optimizer == pytest.approx(2 * count * nbytes / chips, rel=0.01)  # Adam's two moments
     assert p.fits and p.params + p.optimizer <= p.total <= p.hbm
@@ -89,7 +89,7 @@ def test_70b_fits_with_fsdp_over_a_large_enough_slice():
     c = llama2_70b.get_config()  # data 1 x fsdp -1: parameters and Adam split over every chip
     c.train.batch_size = 64  # one 4096-token sequence per chip
     p = plan.plan(c, "v5p:4x4x4")
-    assert p.mesh == {"slices": 1, "data": 1, "fsdp": 64, "tensor": 1}
+    assert p.mesh == {"slices": 1, "data": 1, "fsdp": 64, "expert": 1, "tensor": 1}
     assert p.fits and p.shortfall == 0
     assert p.params == pytest.approx(4 * size.report(c)["total_params"] / 64, rel=0.01)
     assert 0 < p.mfu < 1 and p.step_seconds > 0
@@ -146,7 +146,7 @@ def test_cli_plans_two_v5p_slices_charging_the_gradients_to_dcn_and_errors_in_on
     assert ok.returncode == 0, ok.stderr[-2000:]
     out = json.loads(ok.stdout.strip().splitlines()[-1])
     assert out["fits"] and out["chips"] == 8 and out["batch"] == 8 and out["mfu"] > 0
-    assert out["mesh"] == {"slices": 2, "data": 1, "fsdp": 4, "tensor": 1} and "--config.mesh.slices=2" in out["overrides"]
+    assert out["mesh"] == {"slices": 2, "data": 1, "fsdp": 4, "expert": 1, "tensor": 1} and "--config.mesh.slices=2" in out["overrides"]
     gradient = 4 * size.report(_tiny())["total_params"]  # float32 gradients, whole
     assert gradient / 4 <= out["dcn_bytes"] <= gradient  # at least this chip's fsdp shard of them
     assert out["dcn_bandwidth"] == 50e9 / 8  # v5p: 50 Gbps per chip

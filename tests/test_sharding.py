@@ -58,9 +58,9 @@ def test_parameters_sharded_by_rules_and_logits_equal_single_device(shape):
 
 def test_minus_one_fills_the_remaining_devices():
     c = _config(-1, 2, 1)
-    assert sharding.make_mesh(c).shape == {"slices": 1, "data": 4, "fsdp": 2, "tensor": 1}
+    assert sharding.make_mesh(c).shape == {"slices": 1, "data": 4, "fsdp": 2, "expert": 1, "tensor": 1}
     c.mesh.slices = 2
-    assert sharding.make_mesh(c).shape == {"slices": 2, "data": 2, "fsdp": 2, "tensor": 1}
+    assert sharding.make_mesh(c).shape == {"slices": 2, "data": 2, "fsdp": 2, "expert": 1, "tensor": 1}
 
 
 def test_two_slices_of_four_devices_give_the_single_slice_logits_and_training_step():
@@ -78,10 +78,10 @@ def test_two_slices_of_four_devices_give_the_single_slice_logits_and_training_st
                        scan_layers=False)
         c.train.update(batch_size=B, seq_len=T)
     mesh1, mesh2 = sharding.make_mesh(one), sharding.make_mesh(two)
-    assert mesh2.shape == {"slices": 2, "data": 1, "fsdp": 2, "tensor": 2}
+    assert mesh2.shape == {"slices": 2, "data": 1, "fsdp": 2, "expert": 1, "tensor": 2}
     # Each slice is a block of 4 devices (no slice_index on CPU devices: consecutive blocks).
     assert [sorted(d.id for d in mesh2.devices[i].flat) for i in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert sharding.batch_sharding(two, mesh2).spec[0] == ("slices", "data", "fsdp")
+    assert sharding.batch_sharding(two, mesh2).spec[0] == ("slices", "data", "fsdp", "expert")
     for sh in jax.tree.leaves(sharding.state_shardings(two, mesh2)):
         assert "slices" not in jax.tree.leaves(tuple(sh.spec))  # parameters and Adam: within a slice
 
@@ -108,7 +108,7 @@ def test_a_model_trained_on_two_slices_is_served_on_one():
 
     c = _config(-1, 1, 1)
     c.mesh.slices = 2
-    assert checkpoint.serving_mesh(c).shape == {"slices": 1, "data": 1, "fsdp": 8, "tensor": 1}
+    assert checkpoint.serving_mesh(c).shape == {"slices": 1, "data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
 
 
 def test_slices_that_do_not_divide_the_devices_are_a_clear_error():

@@ -5,6 +5,7 @@ import importlib
 import math
 import os
 
+import ml_collections
 import pytest
 
 from heft.configs import base, tiny
@@ -31,11 +32,20 @@ def test_warmup_not_below_steps_is_refused_naming_both_fields_and_a_fix():
         checks.check_config(c)
 
 
+def _flat(c, prefix="") -> dict:
+    """{"section.field": value}, nested sections (model.moe) included."""
+    out = {}
+    for f, v in c.items():
+        out.update(_flat(v, f"{prefix}{f}.") if isinstance(v, ml_collections.ConfigDict) else {f"{prefix}{f}": v})
+    return out
+
+
 def _fields(kind) -> list[str]:
     """"section.field" of every base-config field whose value is of `kind` (bools are not ints)."""
-    c = base.get_config()
-    found = [f"{s}.{f}" for s in SECTIONS for f, v in c[s].items() if isinstance(v, kind) and not isinstance(v, bool)]
-    return found + (["model.head_dim"] if kind is int else [])  # None by default: an optional size
+    found = [name for name, v in _flat(base.get_config()).items() if name.split(".")[0] in SECTIONS
+             and isinstance(v, kind) and not isinstance(v, bool)]
+    # None by default: optional sizes.
+    return found + (["model.head_dim", "model.moe.expert_width"] if kind is int else [])
 
 
 @pytest.mark.parametrize("name", _fields(int))

@@ -30,6 +30,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import path as ocp_path
 
+from heft.model.checks import sparse
 from heft.train import custody, hosts, manifest, storage
 from heft.train.manifest import CheckpointError
 
@@ -42,7 +43,9 @@ _TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 # Model fields that decide the parameters' shapes, dtypes or meaning: a checkpoint's must match.
 # The rest (remat, compute dtype, RoPE base, norm epsilon, the document mask...) may change on resume.
 PARAMETER_FIELDS = ("vocab", "width", "depth", "heads", "kv_heads", "head_dim", "mlp_width", "use_bias",
-                    "tied_embeddings", "positions", "norm", "activation", "param_dtype")
+                    "tied_embeddings", "positions", "norm", "activation", "param_dtype", "mlp")
+# A mixture of experts' (model/moe.py), which decide its parameters only when model.mlp=moe.
+MOE_PARAMETER_FIELDS = ("moe.experts", "moe.top_k", "moe.expert_width")
 
 
 def config_to_json(config) -> str:
@@ -267,8 +270,12 @@ class Checkpointer:
 
     def check_config(self, resume: Resume) -> list[str]:
         """Raises CheckpointError if the model differs from the checkpoint's; returns notes on other changes."""
-        diffs = _diff(resume.manifest.get("config", {}), _config_dict(self.config))
+        saved = resume.manifest.get("config", {})
+        if "model" in saved and "mlp" not in saved["model"]:  # saved before model.mlp existed: dense
+            saved = {**saved, "model": {**saved["model"], "mlp": "dense"}}
+        diffs = _diff(saved, _config_dict(self.config))
         fields = PARAMETER_FIELDS + (("max_len",) if self.config.model.positions == "learned" else ())
+        fields += MOE_PARAMETER_FIELDS if sparse(self.config.model) else ()
         model = [d for d in diffs if d[0].startswith("model.") and d[0][len("model."):] in fields]
         if model:
             raise CheckpointError(
@@ -478,6 +485,8 @@ def serving_mesh(config):
     config = config.copy_and_resolve_references()
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
     config.mesh.slices = 1  # where it serves, not the slices it trained on
+    if "expert" in config.mesh:  # nor the expert parallelism it trained with: experts split by fsdp alone
+        config.mesh.expert = 1
     return sharding.make_mesh(config)
 
 

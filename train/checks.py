@@ -15,7 +15,7 @@ from heft.model.checks import ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
 ON_NONFINITE = ("stop", "skip")
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Integer fields: (section, field) -> (least value, what it counts).
 COUNTS = {
@@ -80,11 +80,11 @@ def check_mesh_fields(mesh_config) -> None:
         raise ConfigError(f"mesh.slices={value!r} must be a positive integer (the TPU slices the run spans; "
                           "1 for one slice or one machine)")
     for axis in MESH_AXES:
-        value = mesh_config[axis]
+        value = mesh_config.get(axis, 1)  # expert: absent from configs saved before it existed
         if not _is_int(value) or (value < 1 and value != -1):
             raise ConfigError(f"mesh.{axis}={value!r} must be a positive integer, or -1 to fill the devices "
                               "the other axes leave")
-    filling = [a for a in MESH_AXES if mesh_config[a] == -1]
+    filling = [a for a in MESH_AXES if mesh_config.get(a, 1) == -1]
     if len(filling) > 1:
         raise ConfigError(f"mesh.{filling[0]} and mesh.{filling[1]} are both -1; at most one axis can fill the "
                           "remaining devices, so give the other a size")
@@ -153,7 +153,7 @@ def check_batch(config, axis_sizes, batch_size: int, name: str = "train.batch_si
 
 def check(config, mesh) -> None:
     """Every error a user can cause in the config of a run on `mesh`, raised before anything compiles."""
-    from heft.train import sharding
+    from heft.train import experts, sharding
 
     check_config(config)
     t = config.train
@@ -164,4 +164,5 @@ def check(config, mesh) -> None:
         raise ConfigError(f"train.batch_size={t.batch_size} in train.micro_batches={t.micro_batches} gives "
                           f"micro-batches of {micro} sequences, which do not split over the {n} devices that hold "
                           "the batch; use fewer micro-batches or a larger batch")
+    experts.check(config, mesh)  # the expert axis splits the experts evenly
     sharding.param_dict_shardings(config.model, mesh, config)  # divisibility of every parameter

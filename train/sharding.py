@@ -1,14 +1,17 @@
 """From logical axis names to devices: the mesh, the rules table, and placed parameters.
 
 `model/` names every parameter's and activation's axes (`embed`, `heads`, `batch`, ...);
-`config.mesh.rules` maps each name to mesh axes (`slices`, `data`, `fsdp`, `tensor`). This module is
-the only place the two meet. The mesh uses Auto axis types (classic GSPMD propagation between the
+`config.mesh.rules` maps each name to mesh axes (`slices`, `data`, `fsdp`, `expert`, `tensor`). This
+module is the only place the two meet (with train/experts.py, which runs a mixture of experts' layers
+over the mesh). The mesh uses Auto axis types (classic GSPMD propagation between the
 named constraints), which is what logical axis rules expect.
 
 `slices` is the outermost level, the one that crosses the data-center network (DCN) between TPU
 slices, as MaxText's `dcn_*_parallelism`: the rules put only the batch on it (data parallelism across
 slices), so every parameter is whole within a slice and only its gradient crosses the DCN, once a
-step. `data`, `fsdp` and `tensor` stay within a slice, on its chip-to-chip links (ICI).
+step. `data`, `fsdp`, `expert` and `tensor` stay within a slice, on its chip-to-chip links (ICI).
+`expert` (expert parallelism) splits a mixture of experts' experts, and the batch with them; it is
+1, and changes nothing, for dense models and for configs saved before it existed.
 """
 
 import contextlib
@@ -21,10 +24,12 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from heft.model.checks import ConfigError
+from heft.model import moe
+from heft.model.checks import ConfigError, sparse
 from heft.model.decoder import Decoder, abstract, abstract_params
+from heft.train import experts
 
-AXES = ("slices", "data", "fsdp", "tensor")
+AXES = ("slices", "data", "fsdp", "expert", "tensor")
 IN_SLICE = AXES[1:]
 
 
@@ -33,14 +38,14 @@ def slices(config) -> int:
     return config.mesh.get("slices", 1)
 
 
-def mesh_shape(config, n_devices: int) -> tuple[int, int, int, int]:
-    """The (slices, data, fsdp, tensor) sizes for `n_devices`, with one -1 filling the rest of a slice."""
+def mesh_shape(config, n_devices: int) -> tuple[int, ...]:
+    """The (slices, data, fsdp, expert, tensor) sizes for `n_devices`, with one -1 filling the rest of a slice."""
     k = slices(config)
     if n_devices % k:
         raise ConfigError(f"mesh.slices={k} does not divide the {n_devices} devices; set it to the number of "
                           "slices the run spans")
     n, where = n_devices // k, "" if k == 1 else f" in each of the {k} slices"
-    sizes = [config.mesh[a] for a in IN_SLICE]
+    sizes = [config.mesh.get(a, 1) for a in IN_SLICE]  # expert: 1 in configs saved before it existed
     named = dict(zip(IN_SLICE, sizes))
     if sizes.count(-1) > 1:
         raise ConfigError(f"mesh {named} has more than one -1; at most one axis can fill")
@@ -56,7 +61,7 @@ def mesh_shape(config, n_devices: int) -> tuple[int, int, int, int]:
         sizes[sizes.index(-1)] = n // fixed
     if math.prod(sizes) != n:
         raise ConfigError(
-            f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but there are "
+            f"mesh {'*'.join(IN_SLICE)} = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but there are "
             f"{n} devices{where}; make the product equal the device count or set one axis to -1"
         )
     return (k, *sizes)
@@ -79,7 +84,7 @@ def make_mesh(config, devices=None) -> Mesh:
 
 
 def _slice_grid(shape, devices, by_slice_index: bool) -> np.ndarray:
-    """Devices laid out as [slices, data, fsdp, tensor], each slice whole on one index of the first axis.
+    """Devices laid out as [slices, data, fsdp, expert, tensor], each slice whole on one index of the first axis.
 
     TPU devices say which slice they are on (`slice_index`): JAX's hybrid mesh groups them by it and
     orders each slice for its torus. Devices that do not (CPU, GPU) are cut into equal consecutive
@@ -87,7 +92,7 @@ def _slice_grid(shape, devices, by_slice_index: bool) -> np.ndarray:
     process by process), as a multi-node GPU run's DCN is its nodes' network.
     """
     if by_slice_index:
-        return mesh_utils.create_hybrid_device_mesh((1,) + tuple(shape[1:]), (shape[0], 1, 1, 1), devices,
+        return mesh_utils.create_hybrid_device_mesh((1,) + tuple(shape[1:]), (shape[0],) + (1,) * (len(shape) - 1), devices,
                                                     allow_split_physical_axes=True)
     if devices[0].platform == "tpu":
         raise ConfigError(f"mesh.slices={shape[0]} but these TPU devices are one slice; set --config.mesh.slices=1 "
@@ -106,8 +111,11 @@ def spec(names, config) -> PartitionSpec:
 
 @contextlib.contextmanager
 def activated(mesh: Mesh, config):
-    """Within it, the model's activation constraints resolve against `mesh` and the rules."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules(config)):
+    """Within it, the model's activation constraints resolve against `mesh` and the rules, and a
+    mixture of experts runs its experts over the mesh (train/experts.py)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules(config)), contextlib.ExitStack() as stack:
+        if sparse(config.model):
+            stack.enter_context(moe.experts_by(experts.parallel(mesh, config)))
         yield
 
 

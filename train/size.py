@@ -1,7 +1,10 @@
 """What a config costs (`heft size`), from the abstract model: nothing is allocated.
 
 Parameters per component, bytes in each storage dtype, training memory (params, grads, the
-optimizer's state and an activation estimate) and training FLOPs per token.
+optimizer's state and an activation estimate) and training FLOPs per token. A mixture of experts
+(model.mlp=moe) also reports its active parameters, those a token uses (the router and top_k of the
+experts besides everything dense): FLOPs, and so MFU everywhere (`heft train`, `heft plan`), count
+those, as MaxText and the MoE papers do.
 """
 
 import math
@@ -44,6 +47,8 @@ def _component(path: str) -> str:
             return {"embed": "embedding", "position_embed": "positions", "readout": "readout"}[name]
     if "." not in path:  # a fine-tune's prefix_keys, prefix_values, prompt
         return path
+    if path.startswith("blocks.moe."):  # a mixture of experts: its router, and the experts themselves
+        return "router" if path == "blocks.moe.router" else "experts"
     return path.split(".")[1]  # blocks.attention.* -> attention, blocks.mlp.* -> mlp
 
 
@@ -58,6 +63,8 @@ def activation_bytes_per_token(m, seq_len: int) -> float:
     c = 2 if m.compute_dtype == "bfloat16" else 4
     D, F, H, K, Dh = m.width, m.mlp_width, m.heads, m.kv_heads, checks.head_dim(m)
     gated = 2 if m.activation in ("swiglu", "geglu") else 1
+    if checks.sparse(m):  # each token's top_k experts (dropless; capacity pads to capacity_factor x that)
+        F = m.moe.top_k * checks.expert_width(m) * max(1.0, m.moe.capacity_factor)
     if m.remat == "full":
         per_layer = 4 * D
     elif m.remat == "save_matmuls":
@@ -84,9 +91,12 @@ def report(config, batch: int | None = None, seq_len: int | None = None, quantiz
         components[_component(path)] = components.get(_component(path), 0) + math.prod(x.shape)
     total = sum(components.values())
     embedding = components.get("embedding", 0) + components.get("positions", 0)
-    # FLOPs: every non-embedding weight (and the readout, tied or not) is one multiply-add per token
-    # forward and two backward; attention's scores and mixing add 12 * L * T * d per token.
-    matmul_params = total - embedding + m.vocab * m.width * m.tied_embeddings
+    # A token meets top_k of the experts: the others' weights are parameters but not its work.
+    idle = components.get("experts", 0) * (m.moe.experts - m.moe.top_k) // m.moe.experts if checks.sparse(m) else 0
+    active = total - idle
+    # FLOPs: every non-embedding weight a token uses (and the readout, tied or not) is one multiply-add
+    # per token forward and two backward; attention's scores and mixing add 12 * L * T * d per token.
+    matmul_params = active - embedding + m.vocab * m.width * m.tied_embeddings
     attn = 12 * m.depth * seq_len * m.heads * checks.head_dim(m)
     if checks.family(m) == "encoder_decoder":
         return _encoder_decoder_report(config, batch, seq_len, components, total, embedding, quantized)
@@ -104,6 +114,7 @@ def report(config, batch: int | None = None, seq_len: int | None = None, quantiz
         "total_params": total,
         "embedding_params": embedding,
         "non_embedding_params": total - embedding,
+        "active_params": active,  # what one token uses: = total_params for a dense model
         "components": components,
         # Without quantized trees, int8 and int4 count every parameter at that width (an estimate).
         "bytes": {k: total * v for k, v in BYTES.items() if not quantized or k in ("fp32", "bf16")}
@@ -113,6 +124,7 @@ def report(config, batch: int | None = None, seq_len: int | None = None, quantiz
         "batch": batch,
         "seq_len": seq_len,
         "remat": m.remat,
+        **({"experts": m.moe.experts, "top_k": m.moe.top_k} if checks.sparse(m) else {}),
         "training_bytes": train_bytes,
         "flops_per_token": 6 * matmul_params + attn,
         "flops_per_step": (6 * matmul_params + attn) * batch * seq_len,
@@ -172,6 +184,9 @@ def table(r: dict) -> str:
             f"  embedding       {r['embedding_params']:>16,}  (lookups: token and position tables)",
             f"  non-embedding   {r['non_embedding_params']:>16,}  (matmuls, norms, readout)",
             "by component"]
+    if r.get("active_params", r["total_params"]) != r["total_params"]:  # a mixture of experts
+        rows.insert(3, f"  active per token{r['active_params']:>16,}  ({_human(r['active_params'])}: the router and "
+                       f"{r['top_k']} of {r['experts']} experts; FLOPs count these)")
     rows += [f"  {k:<15} {v:>16,}" for k, v in sorted(r["components"].items())]
     rows.append("storage")
     for k, v in r["bytes"].items():
@@ -181,6 +196,7 @@ def table(r: dict) -> str:
     rows.append(f"training memory at batch {r['batch']} x length {r['seq_len']}, remat={r['remat']} "
                 "(all devices together)")
     rows += [f"  {k:<15} {_gib(v):>16}" for k, v in r["training_bytes"].items()]
-    rows.append(f"training FLOPs    {_human(r['flops_per_token'], 'FLOP')} per token, "
+    rows.append(f"training FLOPs    {_human(r['flops_per_token'], 'FLOP')} per token"
+                + (" (active parameters)" if "experts" in r else "") + ", "
                 f"{_human(r['flops_per_step'], 'FLOP')} per step")
     return "\n".join(rows)
