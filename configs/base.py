@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
     # positions at every document, so without the mask a token would also see the previous
     # document's keys at RoPE offsets it never meets at inference (MaxText masks and resets together).
     m.document_mask = True
+    # auto | xla | flash: training's attention. flash is the platform's fused kernel (TPU: Pallas splash
+    # attention; GPU: cuDNN), which never materialises [heads, length, length] scores; auto takes it where
+    # the platform has one (model/kernels.py) and XLA's attention elsewhere (the CPU).
+    m.attention = "auto"
     # Fine-tuning's pieces, set by heft finetune from the finetune section below (0 is off; with all
     # three off the model is exactly the pretrained one).
     m.adapter_width = 0  # bottleneck adapters after the attention and the MLP of every block

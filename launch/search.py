@@ -34,8 +34,9 @@ class Search:
 
     @property
     def ranked(self) -> list:
-        """The candidates that fit, best predicted MFU first."""
-        return sorted((p for p in self.plans if p.fits), key=lambda p: -p.mfu)
+        """The candidates that fit, shortest predicted step first (compute, HBM and the collectives
+        each layout's compile holds: launch/plan.py); the batch is the same for all of them."""
+        return sorted((p for p in self.plans if p.fits), key=lambda p: p.step_seconds)
 
     def to_json(self) -> dict:
         return {"topology": self.topology, "config": self.config,
@@ -92,7 +93,7 @@ def search(config, topology_name: str, remats=REMATS, budget: int = 16, progress
                           f"of {topo.chips}")
     for layout in candidates:
         c = with_overrides(config, layout)
-        mesh = sharding.make_mesh(c, devices)
+        mesh = planning.layout_mesh(c, devices)  # as heft train lays it on the torus: the ICI term depends on it
         try:
             params, opt = planning.state_bytes(c, mesh)
         except ConfigError as e:
@@ -141,14 +142,16 @@ def _name(layout) -> str:
 def table(s: Search) -> str:
     ranked = s.ranked
     k = s.plans[0].slices if s.plans else 1
-    where, network = (s.topology, "no communication") if k == 1 else (f"{k} slices of {s.topology}", "DCN, no ICI")
+    where = s.topology if k == 1 else f"{k} slices of {s.topology}"
     rows = [f"{s.config} on {where}: {len(ranked)} of {len(s.plans)} compiled configurations fit "
-            f"(roofline predictions, {network}; best MFU first)",
+            "(predicted step = compute + HBM, overlapped with the collectives; shortest first)",
             f"{'#':>3} {'data':>5} {'fsdp':>5} {'tens':>5} {'remat':<13}{'micro':>6} {'GiB/chip':>9} {'HBM':>5} "
-            f"{'ms/step':>9} {'tok/s/chip':>11} {'MFU':>6}  overrides"]
+            f"{'compute':>9} {'hbm':>8} {'ici':>8} {'exposed':>8} {'ms/step':>9} {'tok/s/chip':>11} {'MFU':>6}  overrides"]
     for i, p in enumerate(ranked, 1):
         rows.append(f"{i:>3} {p.mesh['data']:>5} {p.mesh['fsdp']:>5} {p.mesh['tensor']:>5} {p.remat:<13}"
                     f"{p.micro_batches:>6} {p.total / 2**30:>9.2f} {p.total / p.hbm:>5.0%} "
+                    f"{p.compute_seconds * 1e3:>9.0f} {p.memory_seconds * 1e3:>8.0f} {(p.ici_seconds or 0) * 1e3:>8.0f} "
+                    f"{p.exposed_seconds * 1e3:>8.0f} "
                     f"{p.step_seconds * 1e3:>9.1f} {p.tokens_per_second_per_chip:>11,.0f} {p.mfu:>6.1%}  "
                     + " ".join(p.overrides))
     misses = [p for p in s.plans if not p.fits]
