@@ -173,3 +173,20 @@ def test_fsdp_collectives_gather_the_parameters_and_scatter_their_gradients():
     link = 400e9 / 4 / 2
     assert p.ici_seconds >= 0.75 * (gathered + scattered) / (4 * link) * 0.99
     assert p.step_seconds >= p.compute_seconds + p.memory_seconds
+    text = plan.table(p)  # each term in its own column, and the collectives by kind
+    assert "collectives (ICI)" in text and "all-gather" in text and "reduce-scatter" in text
+    assert "exposed" in text and f"MFU {p.mfu:.1%}" in text and "attention=xla" in text
+
+
+@pytest.mark.slow
+def test_a_flash_attention_step_compiles_for_a_tpu_and_its_kernels_flops_are_counted():
+    """Mosaic's splash kernels lower and compile for an abstract v5p slice on this CPU. XLA counts
+    none of their work: the plan adds it, here 11 matmul units of 2·T·T·d per head and example
+    (forward 2, its recompute under full remat 2, dq 3, dk/dv 4), one 256-token block each."""
+    c = _tiny(model__width=256, model__heads=2, model__kv_heads=1, model__depth=1, model__max_len=256,
+              model__attention="flash", model__remat="full", train__seq_len=256, train__batch_size=8)
+    p = plan.plan(c, "v5p:2x2x1")
+    assert p.attention == "flash" and p.fits
+    per_chip = c.train.batch_size // p.chips
+    assert p.kernel_flops == pytest.approx(11 * 2 * per_chip * 2 * 256 * 256 * 128)
+    assert p.flops > p.kernel_flops and 0 < p.mfu < 1
