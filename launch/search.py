@@ -4,7 +4,8 @@ Every candidate is a real compile (a minute or more for a large model), so the s
 budget of compiles where they can pay:
 - layouts (data x fsdp x tensor over the slice's chips) whose shapes do not divide the model or the
   batch are dropped, and so are those whose parameter and optimizer shards alone (known from the
-  shardings, nothing compiled) exceed the HBM;
+  shardings, nothing compiled) exceed the HBM; the rest are tried from the least state per chip up,
+  so a budget is spent first where a step can fit;
 - per layout, remat policies are tried from least recompute (none) to most (full), and for each the
   fewest micro-batches that fit: more micro-batches only re-read the weights more often, and a policy
   that fits whole batches makes heavier ones pointless;
@@ -91,6 +92,7 @@ def search(config, topology_name: str, remats=REMATS, budget: int = 16, progress
         raise ConfigError(f"no data x fsdp x tensor split of {topo.chips} chips divides model.width, the heads "
                           f"and train.batch_size={config.train.batch_size}; pick a batch that is a multiple "
                           f"of {topo.chips}")
+    room = []  # (state bytes per chip, layout, config, mesh) of the layouts whose state fits
     for layout in candidates:
         c = with_overrides(config, layout)
         mesh = planning.layout_mesh(c, devices)  # as heft train lays it on the torus: the ICI term depends on it
@@ -103,13 +105,19 @@ def search(config, topology_name: str, remats=REMATS, budget: int = 16, progress
             result.skipped.append(f"{_name(layout)}: parameters and optimizer need "
                                   f"{(params + opt) / 2**30:,.1f} GiB per chip")
             continue
+        room.append((params + opt, layout, c, mesh))
+    # The least state per chip first: the budget goes to layouts that can fit before those that
+    # cannot (a large model's data-parallel layouts fail at every remat); ties keep fewer tensor.
+    ordered = sorted(room, key=lambda r: (r[0], r[1][2]))
+    for i, (_, layout, c, mesh) in enumerate(ordered):
+        if result.budget_left <= 0:
+            result.skipped.append(f"{len(ordered) - i} layout(s) not tried, from {_name(layout)} on: budget spent; "
+                                  "raise --budget to try them")
+            break
         for remat in remats:
             fitted = _fewest_micro_batches(c, layout, remat, mesh, topology_name, result, progress)
             if fitted is not None and fitted.micro_batches == 1:
                 break  # heavier remat would only add recompute
-        if result.budget_left <= 0:
-            result.skipped.append("budget spent: raise --budget to try the remaining layouts")
-            break
     return result
 
 
