@@ -116,7 +116,7 @@ def _plain(d: dict) -> dict:
 def step_seconds(plan: dict, efficiency: float) -> float:
     """The plan's step time with its compute at `efficiency` of the peak (launch/plan.py's formula)."""
     scale = plan["mxu_efficiency"] / efficiency
-    return math.fsum(r["trips"] * max(r["compute"] * scale + r["hbm"], r["ici"], r["dcn"]) for r in plan["regions"])
+    return math.fsum(r["trips"] * max(r["compute"] * scale, r["hbm"], r["ici"], r["dcn"]) for r in plan["regions"])
 
 
 def mfu(plan: dict, efficiency: float) -> float:
@@ -157,7 +157,7 @@ def table(rows: list[dict]) -> str:
         hbm = math.fsum(x["trips"] * x["hbm"] for x in p["regions"])
         ici = p["ici_seconds"] or 0.0
         step = step_seconds(p, e)
-        exposed = step - compute - hbm
+        exposed = step - math.fsum(x["trips"] * max(x["compute"] * scale, x["hbm"]) for x in p["regions"])
         calibrated = mfu(p, e)
         setting = (f"batch {p['batch']} x {p['seq_len']}, fsdp {p['mesh']['fsdp']} x tensor {p['mesh']['tensor']}, "
                    f"remat {p['remat']}, {p['micro_batches']} micro, attention {p['attention']}")

@@ -10,16 +10,19 @@ size`'s 6N + attention), not XLA's, which include what remat recomputes.
 The predicted step time, region by region (a loop body's trip, or what runs outside every loop;
 costs.py cuts the step so):
 
-    step = sum over regions of trips * max(compute + hbm, ici, dcn)
+    step = sum over regions of trips * max(compute, hbm, ici, dcn)
     compute = FLOPs / (peak FLOP/s * mxu_efficiency)    hbm = bytes / HBM bandwidth (XLA's, for the whole region)
     ici = the region's collectives on the torus           dcn = what it sends across slices / DCN bandwidth
 
 Within a region, XLA's asynchronous collectives run beside the compute they do not feed (FSDP's
 all-gather of the next layer's weights during this layer's matmuls, the reduce-scatter of the last
-layer's gradients during this one's backward), so a region costs the slower of its work and its
-traffic; the regions run one after another. `mxu_efficiency` is the one calibration constant per
-chip generation (train/chips.py; bench/RESULTS.md fits it to MaxText's published runs). The printed
-columns (compute, HBM, ICI, DCN, and the communication left exposed) show which one bounds the step.
+layer's gradients during this one's backward), and the TPU streams HBM under its matmuls (XLA fuses
+the elementwise work into them), so a region costs the slowest of the four; the regions run one
+after another. Charging compute + HBM instead could not match MaxText's FSDP-only and its
+tensor-parallel runs with one constant (bench/RESULTS.md, "Calibration"). `mxu_efficiency` is the one
+calibration constant per chip generation (train/chips.py), fitted there to MaxText's published runs.
+The printed columns (compute, HBM, ICI, DCN, and the communication left exposed) show which one
+bounds the step.
 
 Across several slices (`--slices=K`, `mesh.slices`), the step is compiled for K such slices and
 what it sends over the data-center network (XLA's transfers to the megascale runtime, counted per
@@ -111,21 +114,21 @@ class Plan:
         return self.dcn_bytes / self.dcn_bandwidth
 
     def _region_seconds(self, r: dict) -> float:
-        return r["trips"] * max(r["compute"] + r["hbm"], r["ici"], r["dcn"])
+        return r["trips"] * max(r["compute"], r["hbm"], r["ici"], r["dcn"])
 
     @property
     def step_seconds(self) -> float | None:
-        """The prediction: sum over regions of trips * max(compute + hbm, ici, dcn) (module doc)."""
+        """The prediction: sum over regions of trips * max(compute, hbm, ici, dcn) (module doc)."""
         if self.flops is None:
             return None
         return math.fsum(self._region_seconds(r) for r in self.regions)
 
     @property
     def exposed_seconds(self) -> float | None:
-        """Communication (ICI, DCN) the compute of its region could not hide."""
+        """Communication (ICI, DCN) the work (compute, HBM) of its region could not hide."""
         if self.flops is None:
             return None
-        return self.step_seconds - math.fsum(r["trips"] * (r["compute"] + r["hbm"]) for r in self.regions)
+        return self.step_seconds - math.fsum(r["trips"] * max(r["compute"], r["hbm"]) for r in self.regions)
 
     @property
     def bound(self) -> str | None:
@@ -133,14 +136,10 @@ class Plan:
         if self.flops is None:
             return None
         share = {"compute": 0.0, "memory": 0.0, "ici": 0.0, "dcn": 0.0}
-        for r in self.regions:
-            work = r["compute"] + r["hbm"]
-            comm = max(r["ici"], r["dcn"])
-            if comm > work:
-                share["ici" if r["ici"] >= r["dcn"] else "dcn"] += r["trips"] * comm
-            else:
-                share["compute"] += r["trips"] * r["compute"]
-                share["memory"] += r["trips"] * r["hbm"]
+        for r in self.regions:  # each region's time goes to its slowest term
+            terms = {"compute": r["compute"], "memory": r["hbm"], "ici": r["ici"], "dcn": r["dcn"]}
+            slowest = max(terms, key=terms.get)
+            share[slowest] += r["trips"] * terms[slowest]
         return max(share, key=share.get)
 
     @property
@@ -382,8 +381,8 @@ def table(p: Plan) -> str:
             f"  {'across slices (DCN)':<26}{_si(p.dcn_bytes, 'B'):>14}   (no DCN figure for {p.chip} in "
             "train/chips.py: not in the step time)")
     rows += [
-        "predicted step = sum over loop bodies of max(compute + HBM, ICI, DCN): collectives overlap the "
-        "compute of the body they run in",
+        "predicted step = sum over loop bodies of max(compute, HBM, ICI, DCN): each overlaps the others "
+        "within the body it runs in",
         f"  {'compute':>10} {'HBM':>10} {'ICI':>10} {'DCN':>10} {'exposed':>10} {'step':>10}",
         f"  {p.compute_seconds * 1e3:>8,.1f}ms {p.memory_seconds * 1e3:>8,.1f}ms {comm * 1e3:>8,.1f}ms "
         f"{(p.dcn_seconds or 0.0) * 1e3:>8,.1f}ms {p.exposed_seconds * 1e3:>8,.1f}ms {p.step_seconds * 1e3:>8,.1f}ms",

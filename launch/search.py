@@ -152,7 +152,7 @@ def table(s: Search) -> str:
     k = s.plans[0].slices if s.plans else 1
     where = s.topology if k == 1 else f"{k} slices of {s.topology}"
     rows = [f"{s.config} on {where}: {len(ranked)} of {len(s.plans)} compiled configurations fit "
-            "(predicted step = compute + HBM, overlapped with the collectives; shortest first)",
+            "(predicted step: compute, HBM and collectives overlapped per loop body; shortest first)",
             f"{'#':>3} {'data':>5} {'fsdp':>5} {'tens':>5} {'remat':<13}{'micro':>6} {'GiB/chip':>9} {'HBM':>5} "
             f"{'compute':>9} {'hbm':>8} {'ici':>8} {'exposed':>8} {'ms/step':>9} {'tok/s/chip':>11} {'MFU':>6}  overrides"]
     for i, p in enumerate(ranked, 1):

@@ -64,14 +64,15 @@ def _plan(regions):
                 compile_seconds=0.0, regions=regions)
 
 
-def test_collectives_hide_under_the_compute_of_their_loop_body_and_only_the_rest_is_exposed():
+def test_collectives_hide_under_the_work_of_their_loop_body_and_only_the_rest_is_exposed():
     hidden = {"name": "layer", "trips": 10, "compute": 0.08, "hbm": 0.01, "ici": 0.05, "dcn": 0.0}
-    exposed = {"name": "entry", "trips": 1, "compute": 0.01, "hbm": 0.0, "ici": 0.03, "dcn": 0.0}
+    exposed = {"name": "entry", "trips": 1, "compute": 0.01, "hbm": 0.02, "ici": 0.03, "dcn": 0.0}
     p = _plan([hidden, exposed])
-    assert p.step_seconds == pytest.approx(10 * 0.09 + 0.03)
-    assert p.exposed_seconds == pytest.approx(0.02)
+    assert p.step_seconds == pytest.approx(10 * 0.08 + 0.03)  # each body: its slowest term
+    assert p.exposed_seconds == pytest.approx(0.03 - 0.02)
     assert p.bound == "compute"
     assert _plan([dict(hidden, ici=0.5)]).bound == "ici"
+    assert _plan([dict(hidden, hbm=0.2)]).bound == "memory"
 
 
 def test_splash_kernel_flops_follow_its_matmuls_and_the_causal_blocks():

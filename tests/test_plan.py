@@ -151,12 +151,12 @@ def test_cli_plans_two_v5p_slices_charging_the_gradients_to_dcn_and_errors_in_on
     assert gradient / 4 <= out["dcn_bytes"] <= gradient  # at least this chip's fsdp shard of them
     assert out["dcn_bandwidth"] == 50e9 / 8  # v5p: 50 Gbps per chip
     assert out["dcn_seconds"] == pytest.approx(out["dcn_bytes"] / out["dcn_bandwidth"])
-    # Each loop body costs the slower of its work and its traffic; the DCN's bytes are all in some body.
+    # Each loop body costs the slowest of its terms; the DCN's bytes are all in some body.
     regions = out["regions"]
     assert sum(r["trips"] * r["dcn"] for r in regions) == pytest.approx(out["dcn_seconds"])
     assert out["step_seconds"] == pytest.approx(
-        sum(r["trips"] * max(r["compute"] + r["hbm"], r["ici"], r["dcn"]) for r in regions))
-    assert out["step_seconds"] >= max(out["dcn_seconds"], out["compute_seconds"] + out["memory_seconds"]) * (1 - 1e-9)
+        sum(r["trips"] * max(r["compute"], r["hbm"], r["ici"], r["dcn"]) for r in regions))
+    assert out["step_seconds"] >= max(out["dcn_seconds"], out["compute_seconds"], out["memory_seconds"]) * (1 - 1e-9)
 
 
 def test_fsdp_collectives_gather_the_parameters_and_scatter_their_gradients():
@@ -172,7 +172,7 @@ def test_fsdp_collectives_gather_the_parameters_and_scatter_their_gradients():
     # v5e's 4 chips are a 2x2 torus: each collective over all four spans both axes (4 links each way).
     link = 400e9 / 4 / 2
     assert p.ici_seconds >= 0.75 * (gathered + scattered) / (4 * link) * 0.99
-    assert p.step_seconds >= p.compute_seconds + p.memory_seconds
+    assert p.step_seconds >= max(p.compute_seconds, p.memory_seconds, p.ici_seconds) * (1 - 1e-9)
     text = plan.table(p)  # each term in its own column, and the collectives by kind
     assert "collectives (ICI)" in text and "all-gather" in text and "reduce-scatter" in text
     assert "exposed" in text and f"MFU {p.mfu:.1%}" in text and "attention=xla" in text

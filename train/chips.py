@@ -16,7 +16,10 @@ give the chip's total, bidirectional: v5p 1200 GB/s over 6 links, v6e 800 GB/s o
 over 4 (so 100, 100 and 50 GB/s a link each way); v4's page gives none per chip, only the pod's
 all-reduce bandwidth (1.1 PB/s over 4096 chips: 269 GB/s a chip, 45 GB/s a link each way over 6 links).
 `mxu_efficiency` is the one calibration constant per generation: the share of the peak that a
-step's matmuls reach (bench/RESULTS.md, "Calibration", fits it to MaxText's published runs).
+step's XLA FLOPs run at, fitted by bench/bench_calibration.py to MaxText's published runs (v5p: four
+runs, each then within 4 MFU points; v6e: the one run, matched by construction; bench/RESULTS.md,
+"Calibration"). Generations with no published run fitted keep 1.0, so
+their plans stay ceilings.
 """
 
 import dataclasses
@@ -56,12 +59,14 @@ CHIPS = {
              dcn_bandwidth=50e9 / 8, dcn_source="https://cloud.google.com/tpu/docs/v5p (DCN bandwidth per chip: "
              "50 Gbps)",
              ici_links=6, ici_link_bandwidth=1200e9 / 6 / 2, ici_source="https://cloud.google.com/tpu/docs/v5p "
-             "(bidirectional ICI bandwidth per chip 1200 GBps, 3-D torus)"),
+             "(bidirectional ICI bandwidth per chip 1200 GBps, 3-D torus)",
+             mxu_efficiency=0.847),  # fitted to MaxText's 70B, 32B, 64B, 128B runs (bench/bench_calibration.py)
         Chip("v6e", "TPU v6 lite", 918e12, 32 * GiB, 1640e9, 1, "https://cloud.google.com/tpu/docs/v6e",
              dcn_bandwidth=4 * 200e9 / 8 / 8, dcn_source="https://cloud.google.com/tpu/docs/v6e (4 x 200 Gbps NICs "
              "per 8-chip host)",
              ici_links=4, ici_link_bandwidth=800e9 / 4 / 2, ici_source="https://cloud.google.com/tpu/docs/v6e "
-             "(bidirectional ICI bandwidth per chip 800 GBps, 4 ICI ports per chip)"),
+             "(bidirectional ICI bandwidth per chip 800 GBps, 4 ICI ports per chip)",
+             mxu_efficiency=0.533),  # fitted to MaxText's one Llama3.1-8B run: a fit, not yet a check
         # GPUs: dense (not 2:4 sparse) bf16 tensor-core peaks, SXM boards.
         Chip("a100", "NVIDIA A100", 312e12, 80 * 10**9, 2039e9, 1,
              "https://www.nvidia.com/en-us/data-center/a100/"),
