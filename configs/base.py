@@ -69,6 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
     # top_k when balanced) and z-loss (ST-MoE: mean squared logsumexp of the router's logits).
     e.balance_loss_weight = 0.01
     e.z_loss_weight = 0.001
+    # auto | xla | flash: training's attention. flash is the platform's fused kernel (TPU: Pallas splash
+    # attention; GPU: cuDNN), which never materialises [heads, length, length] scores; auto takes it where
+    # the platform has one (model/kernels.py) and XLA's attention elsewhere (the CPU).
+    m.attention = "auto"
     # Fine-tuning's pieces, set by heft finetune from the finetune section below (0 is off; with all
     # three off the model is exactly the pretrained one).
     m.adapter_width = 0  # bottleneck adapters after the attention and the MLP of every block

@@ -3,15 +3,30 @@
 The real train step (`heft.train.compiled.train_step`, what `heft train` runs) is compiled by XLA
 for the slice's abstract devices, on any machine with libtpu installed. From the compiled program:
 memory per chip (XLA's buffer assignment) against the chip's HBM, and FLOPs and bytes per chip
-(XLA's cost analysis, loop bodies counted by their trips). A roofline turns those into a step time,
-max(FLOPs / peak FLOP/s, bytes / HBM bandwidth); collectives between chips are not in it, so the
-prediction is a ceiling on speed, not a forecast. MFU counts model FLOPs (`heft size`'s 6N +
-attention), not XLA's, which include what remat recomputes.
+(XLA's cost analysis, loop bodies counted by their trips), and every collective with its bytes and
+replica groups, laid onto the slice's torus (launch/collectives.py). MFU counts model FLOPs (`heft
+size`'s 6N + attention), not XLA's, which include what remat recomputes.
+
+The predicted step time, region by region (a loop body's trip, or what runs outside every loop;
+costs.py cuts the step so):
+
+    step = sum over regions of trips * max(compute, hbm, ici, dcn)
+    compute = FLOPs / (peak FLOP/s * mxu_efficiency)    hbm = bytes / HBM bandwidth (XLA's, for the whole region)
+    ici = the region's collectives on the torus           dcn = what it sends across slices / DCN bandwidth
+
+Within a region, XLA's asynchronous collectives run beside the compute they do not feed (FSDP's
+all-gather of the next layer's weights during this layer's matmuls, the reduce-scatter of the last
+layer's gradients during this one's backward), and the TPU streams HBM under its matmuls (XLA fuses
+the elementwise work into them), so a region costs the slowest of the four; the regions run one
+after another. Charging compute + HBM instead could not match MaxText's FSDP-only and its
+tensor-parallel runs with one constant (bench/RESULTS.md, "Calibration"). `mxu_efficiency` is the one
+calibration constant per chip generation (train/chips.py), fitted there to MaxText's published runs.
+The printed columns (compute, HBM, ICI, DCN, and the communication left exposed) show which one
+bounds the step.
 
 Across several slices (`--slices=K`, `mesh.slices`), the step is compiled for K such slices and
 what it sends over the data-center network (XLA's transfers to the megascale runtime, counted per
-loop trip; `costs.py`) is charged to the chip's DCN bandwidth (train/chips.py): a third roof, the
-slowest of the three setting the step time, as if the DCN transfers overlapped the compute.
+loop trip; `costs.py`) is charged to the chip's DCN bandwidth (train/chips.py).
 
     heft plan --config=configs/llama2_70b.py --topology=v5p:4x8x8 [--slices=2] [--json]
     heft plan --config=configs/llama2_70b.py --topology=v5p:4x8x8 --search   (launch/verbs/plan.py)
@@ -27,7 +42,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
-from heft.launch import costs, topology
+from heft.launch import collectives, costs, kernels, topology
+from heft.model import kernels as kernel_choice
 from heft.model.checks import ConfigError
 from heft.train import checks, chips, compiled, sharding, size
 
@@ -61,6 +77,13 @@ class Plan:
     slices: int = 1
     dcn_bytes: float | None = None  # sent across slices per chip per step; None when it did not compile
     dcn_bandwidth: float | None = None  # bytes/s per chip over the DCN; None where the chip table has none
+    mxu_efficiency: float = 1.0  # the chip generation's calibration constant (train/chips.py)
+    kernel_flops: float = 0.0  # Pallas kernels' FLOPs (XLA counts none), already in `flops`
+    ici_seconds: float | None = None  # every collective within a slice, one after another
+    collectives: dict = dataclasses.field(default_factory=dict)  # kind -> count, bytes, seconds per step
+    # Per region (costs.py): {"name", "trips", "compute", "hbm", "ici", "dcn"}, seconds per trip.
+    regions: list = dataclasses.field(default_factory=list)
+    attention: str = "xla"  # the attention the step compiled with (model.attention, resolved)
     executable: object = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -72,10 +95,10 @@ class Plan:
         """Bytes per chip beyond the HBM (0 when it fits)."""
         return max(self.total - self.hbm, 0)
 
-    # The roofline; None for a step that did not compile.
+    # Each term on its own, whole step; None for a step that did not compile.
     @property
     def compute_seconds(self) -> float | None:
-        return None if self.flops is None else self.flops / self.peak_flops
+        return None if self.flops is None else self.flops / (self.peak_flops * self.mxu_efficiency)
 
     @property
     def memory_seconds(self) -> float | None:
@@ -90,19 +113,34 @@ class Plan:
             return None
         return self.dcn_bytes / self.dcn_bandwidth
 
-    def _roofs(self) -> dict:
-        return {"compute": self.compute_seconds, "memory": self.memory_seconds, "dcn": self.dcn_seconds or 0.0}
+    def _region_seconds(self, r: dict) -> float:
+        return r["trips"] * max(r["compute"], r["hbm"], r["ici"], r["dcn"])
 
     @property
     def step_seconds(self) -> float | None:
-        return None if self.flops is None else max(self._roofs().values())
+        """The prediction: sum over regions of trips * max(compute, hbm, ici, dcn) (module doc)."""
+        if self.flops is None:
+            return None
+        return math.fsum(self._region_seconds(r) for r in self.regions)
+
+    @property
+    def exposed_seconds(self) -> float | None:
+        """Communication (ICI, DCN) the work (compute, HBM) of its region could not hide."""
+        if self.flops is None:
+            return None
+        return self.step_seconds - math.fsum(r["trips"] * max(r["compute"], r["hbm"]) for r in self.regions)
 
     @property
     def bound(self) -> str | None:
+        """What most of the step's time is spent waiting for: compute, memory (HBM), ici or dcn."""
         if self.flops is None:
             return None
-        roofs = self._roofs()
-        return max(roofs, key=roofs.get)
+        share = {"compute": 0.0, "memory": 0.0, "ici": 0.0, "dcn": 0.0}
+        for r in self.regions:  # each region's time goes to its slowest term
+            terms = {"compute": r["compute"], "memory": r["hbm"], "ici": r["ici"], "dcn": r["dcn"]}
+            slowest = max(terms, key=terms.get)
+            share[slowest] += r["trips"] * terms[slowest]
+        return max(share, key=share.get)
 
     @property
     def tokens_per_second_per_chip(self) -> float | None:
@@ -121,8 +159,8 @@ class Plan:
 
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "executable"}
-        for name in ("fits", "shortfall", "compute_seconds", "memory_seconds", "dcn_seconds", "step_seconds", "bound",
-                     "tokens_per_second_per_chip", "mfu", "overrides"):
+        for name in ("fits", "shortfall", "compute_seconds", "memory_seconds", "dcn_seconds", "exposed_seconds",
+                     "step_seconds", "bound", "tokens_per_second_per_chip", "mfu", "overrides"):
             d[name] = getattr(self, name)
         return d
 
@@ -224,6 +262,7 @@ def fit_check(config, mesh, topology_name: str | None = None) -> Plan:
         params=params, optimizer=optimizer,
         model_flops=size.report(config)["flops_per_step"] / n, peak_flops=chip.peak_flops,
         hbm_bandwidth=chip.hbm_bandwidth, slices=k, dcn_bandwidth=chip.dcn_bandwidth,
+        mxu_efficiency=chip.mxu_efficiency, attention=kernel_choice.resolve(config.model, "tpu", config.train.seq_len),
     )
     with sharding.activated(mesh, config):
         lowered = step.lower(state, batch)
@@ -242,16 +281,46 @@ def fit_check(config, mesh, topology_name: str | None = None) -> Plan:
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
     # Each buffer is reduced across the k slices: a ring sends 2 (k - 1) / k of it from every chip.
-    dcn = cost.dcn_buffer_bytes * 2 * (k - 1) / k
+    ring = 2 * (k - 1) / k
+    dcn = cost.dcn_buffer_bytes * ring
+    coords = collectives.device_coords(mesh)
+    link = chip.ici_link_bandwidth
+    kernel = {r.name: 0.0 for r in cost.regions}
+    for kern in cost.kernels:
+        kernel[kern.region] = kernel.get(kern.region, 0.0) + kernels.flops(kern)
+    ici = collectives.by_region(cost.collectives, coords, link)
+    rate = chip.peak_flops * chip.mxu_efficiency
+    regions = [{"name": r.name, "trips": r.trips, "compute": (r.flops + kernel.get(r.name, 0.0)) / rate,
+                "hbm": r.bytes / chip.hbm_bandwidth, "ici": ici.get(r.name, 0.0),
+                "dcn": (cost.dcn_regions.get(r.name, 0.0) * ring / chip.dcn_bandwidth
+                        if chip.dcn_bandwidth and k > 1 else 0.0)} for r in cost.regions]
+    kernel_flops = math.fsum(kernels.flops(kern) * kern.trips for kern in cost.kernels)
     return Plan(**common, temporaries=mem.temp_size_in_bytes, total=total, hbm=usable_hbm(device, chip),
-                flops=cost.flops, bytes_accessed=cost.bytes_accessed, compile_seconds=seconds,
-                uncounted_loops=cost.uncounted_loops, dcn_bytes=dcn, executable=exe)
+                flops=cost.flops + kernel_flops, bytes_accessed=cost.bytes_accessed, compile_seconds=seconds,
+                uncounted_loops=cost.uncounted_loops, dcn_bytes=dcn, kernel_flops=kernel_flops,
+                ici_seconds=collectives.total_seconds(cost.collectives, coords, link),
+                collectives=collectives.summary(cost.collectives, coords, link), regions=regions, executable=exe)
 
 
 def mesh_for(config, topology_name: str):
-    """The config's mesh laid over the named slice's abstract devices (`mesh.slices` such slices)."""
+    """The config's mesh laid over the named slice's abstract devices (`mesh.slices` such slices).
+
+    One slice is laid out as `heft train` lays it on the real chips: `jax.make_mesh`, which orders the
+    devices so that each mesh axis follows the torus (the ICI term depends on it)."""
     topo = topology.parse(topology_name)
-    return sharding.make_mesh(config, topology.devices(topo, sharding.slices(config)))
+    return layout_mesh(config, topology.devices(topo, sharding.slices(config)))
+
+
+def layout_mesh(config, devices):
+    """The config's mesh over `devices` (abstract or real), as a run on those chips would make it."""
+    if sharding.slices(config) > 1:
+        return sharding.make_mesh(config, devices)
+    shape = sharding.mesh_shape(config, len(devices))
+    try:
+        return jax.make_mesh(shape, sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
+                             devices=list(devices))
+    except (ValueError, NotImplementedError, AssertionError):  # shapes jax cannot fold onto the torus
+        return sharding.make_mesh(config, devices)
 
 
 def plan(config, topology_name: str) -> Plan:
@@ -291,13 +360,19 @@ def table(p: Plan) -> str:
     if p.flops is None:
         rows.append("no FLOPs or step time: XLA stops compiling a step that cannot fit")
         return "\n".join(rows)
+    comm = p.ici_seconds or 0.0
     rows += [
         "per chip per step",
         f"  {'FLOPs (XLA, with remat)':<26}{_si(p.flops, 'FLOP'):>14}   / {_si(chip.peak_flops, 'FLOP/s')} "
-        f"= {p.compute_seconds * 1e3:,.1f} ms",
+        f"x {p.mxu_efficiency:.2f} (calibration) = {p.compute_seconds * 1e3:,.1f} ms"
+        + (f"  ({_si(p.kernel_flops, 'FLOP')} in Pallas kernels)" if p.kernel_flops else ""),
         f"  {'bytes accessed (XLA)':<26}{_si(p.bytes_accessed, 'B'):>14}   / {_si(chip.hbm_bandwidth, 'B/s')} "
         f"= {p.memory_seconds * 1e3:,.1f} ms",
-        f"  {'model FLOPs (6N + attn)':<26}{_si(p.model_flops, 'FLOP'):>14}",
+        f"  {'collectives (ICI)':<26}{_si(sum(r['bytes'] for r in p.collectives.values()), 'B'):>14}   on "
+        f"{chip.ici_links} links x {_si(chip.ici_link_bandwidth, 'B/s')} = {comm * 1e3:,.1f} ms",
+        *(f"    {kind:<24}{r['count']:>6,} x  {_si(r['bytes'], 'B'):>11}   {r['seconds'] * 1e3:>9,.1f} ms"
+          for kind, r in sorted(p.collectives.items())),
+        f"  {'model FLOPs (6N + attn)':<26}{_si(p.model_flops, 'FLOP'):>14}   attention={p.attention}",
     ]
     if p.slices > 1:
         rows.append(
@@ -305,12 +380,18 @@ def table(p: Plan) -> str:
             f"= {p.dcn_seconds * 1e3:,.1f} ms" if p.dcn_seconds is not None else
             f"  {'across slices (DCN)':<26}{_si(p.dcn_bytes, 'B'):>14}   (no DCN figure for {p.chip} in "
             "train/chips.py: not in the step time)")
-    network = "ICI not counted" if p.slices > 1 else "no communication"
     rows += [
-        f"predicted (roofline, {network}): {p.step_seconds * 1e3:,.1f} ms/step, {p.bound}-bound, "
+        "predicted step = sum over loop bodies of max(compute, HBM, ICI, DCN): each overlaps the others "
+        "within the body it runs in",
+        f"  {'compute':>10} {'HBM':>10} {'ICI':>10} {'DCN':>10} {'exposed':>10} {'step':>10}",
+        f"  {p.compute_seconds * 1e3:>8,.1f}ms {p.memory_seconds * 1e3:>8,.1f}ms {comm * 1e3:>8,.1f}ms "
+        f"{(p.dcn_seconds or 0.0) * 1e3:>8,.1f}ms {p.exposed_seconds * 1e3:>8,.1f}ms {p.step_seconds * 1e3:>8,.1f}ms",
+        f"predicted: {p.step_seconds * 1e3:,.1f} ms/step, {p.bound}-bound, "
         f"{p.tokens_per_second_per_chip:,.0f} tokens/s/chip, MFU {p.mfu:.1%}",
-        f"  the config's {p.steps:,} steps: {p.steps * p.step_seconds / 3600:,.1f} hours on {'this slice' if p.slices == 1 else 'these slices'} at best",
-        f"chip peaks: {chip.source}" + (f"; DCN: {chip.dcn_source}" if p.slices > 1 and chip.dcn_source else ""),
+        f"  the config's {p.steps:,} steps: {p.steps * p.step_seconds / 3600:,.1f} hours on "
+        f"{'this slice' if p.slices == 1 else 'these slices'}",
+        f"chip peaks: {chip.source}; ICI: {chip.ici_source}"
+        + (f"; DCN: {chip.dcn_source}" if p.slices > 1 and chip.dcn_source else ""),
     ]
     if p.uncounted_loops:
         rows.append(f"warning: {p.uncounted_loops} loop(s) with no trip count found: their bodies counted once")

@@ -4,7 +4,8 @@ Every candidate is a real compile (a minute or more for a large model), so the s
 budget of compiles where they can pay:
 - layouts (data x fsdp x tensor over the slice's chips) whose shapes do not divide the model or the
   batch are dropped, and so are those whose parameter and optimizer shards alone (known from the
-  shardings, nothing compiled) exceed the HBM;
+  shardings, nothing compiled) exceed the HBM; the rest are tried from the least state per chip up,
+  so a budget is spent first where a step can fit;
 - per layout, remat policies are tried from least recompute (none) to most (full), and for each the
   fewest micro-batches that fit: more micro-batches only re-read the weights more often, and a policy
   that fits whole batches makes heavier ones pointless;
@@ -34,8 +35,9 @@ class Search:
 
     @property
     def ranked(self) -> list:
-        """The candidates that fit, best predicted MFU first."""
-        return sorted((p for p in self.plans if p.fits), key=lambda p: -p.mfu)
+        """The candidates that fit, shortest predicted step first (compute, HBM and the collectives
+        each layout's compile holds: launch/plan.py); the batch is the same for all of them."""
+        return sorted((p for p in self.plans if p.fits), key=lambda p: p.step_seconds)
 
     def to_json(self) -> dict:
         return {"topology": self.topology, "config": self.config,
@@ -94,9 +96,10 @@ def search(config, topology_name: str, remats=REMATS, budget: int = 16, progress
         raise ConfigError(f"no data x fsdp x tensor split of {topo.chips} chips divides model.width, the heads "
                           f"and train.batch_size={config.train.batch_size}; pick a batch that is a multiple "
                           f"of {topo.chips}")
+    room = []  # (state bytes per chip, layout, config, mesh) of the layouts whose state fits
     for layout in candidates:
         c = with_overrides(config, layout)
-        mesh = sharding.make_mesh(c, devices)
+        mesh = planning.layout_mesh(c, devices)  # as heft train lays it on the torus: the ICI term depends on it
         try:
             params, opt = planning.state_bytes(c, mesh)
         except ConfigError as e:
@@ -106,13 +109,19 @@ def search(config, topology_name: str, remats=REMATS, budget: int = 16, progress
             result.skipped.append(f"{_name(layout)}: parameters and optimizer need "
                                   f"{(params + opt) / 2**30:,.1f} GiB per chip")
             continue
+        room.append((params + opt, layout, c, mesh))
+    # The least state per chip first: the budget goes to layouts that can fit before those that
+    # cannot (a large model's data-parallel layouts fail at every remat); ties keep fewer tensor.
+    ordered = sorted(room, key=lambda r: (r[0], r[1][2]))
+    for i, (_, layout, c, mesh) in enumerate(ordered):
+        if result.budget_left <= 0:
+            result.skipped.append(f"{len(ordered) - i} layout(s) not tried, from {_name(layout)} on: budget spent; "
+                                  "raise --budget to try them")
+            break
         for remat in remats:
             fitted = _fewest_micro_batches(c, layout, remat, mesh, topology_name, result, progress)
             if fitted is not None and fitted.micro_batches == 1:
                 break  # heavier remat would only add recompute
-        if result.budget_left <= 0:
-            result.skipped.append("budget spent: raise --budget to try the remaining layouts")
-            break
     return result
 
 
@@ -145,14 +154,16 @@ def _name(layout) -> str:
 def table(s: Search) -> str:
     ranked = s.ranked
     k = s.plans[0].slices if s.plans else 1
-    where, network = (s.topology, "no communication") if k == 1 else (f"{k} slices of {s.topology}", "DCN, no ICI")
+    where = s.topology if k == 1 else f"{k} slices of {s.topology}"
     rows = [f"{s.config} on {where}: {len(ranked)} of {len(s.plans)} compiled configurations fit "
-            f"(roofline predictions, {network}; best MFU first)",
+            "(predicted step: compute, HBM and collectives overlapped per loop body; shortest first)",
             f"{'#':>3} {'data':>5} {'fsdp':>5} {'tens':>5} {'remat':<13}{'micro':>6} {'GiB/chip':>9} {'HBM':>5} "
-            f"{'ms/step':>9} {'tok/s/chip':>11} {'MFU':>6}  overrides"]
+            f"{'compute':>9} {'hbm':>8} {'ici':>8} {'exposed':>8} {'ms/step':>9} {'tok/s/chip':>11} {'MFU':>6}  overrides"]
     for i, p in enumerate(ranked, 1):
         rows.append(f"{i:>3} {p.mesh['data']:>5} {p.mesh['fsdp']:>5} {p.mesh['tensor']:>5} {p.remat:<13}"
                     f"{p.micro_batches:>6} {p.total / 2**30:>9.2f} {p.total / p.hbm:>5.0%} "
+                    f"{p.compute_seconds * 1e3:>9.0f} {p.memory_seconds * 1e3:>8.0f} {(p.ici_seconds or 0) * 1e3:>8.0f} "
+                    f"{p.exposed_seconds * 1e3:>8.0f} "
                     f"{p.step_seconds * 1e3:>9.1f} {p.tokens_per_second_per_chip:>11,.0f} {p.mfu:>6.1%}  "
                     + " ".join(p.overrides))
     misses = [p for p in s.plans if not p.fits]

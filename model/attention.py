@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from heft.model import init, precision
+from heft.model import init, kernels, precision
 from heft.model.axes import constrain
 from heft.model.checks import head_dim
 from heft.model.positions import rope
@@ -62,7 +62,8 @@ class Attention(nnx.Module):
                 same = segment_ids[:, :, None] == segment_ids[:, None, :]
                 mask = same[:, None, :, :]  # [batch, 1, length, length]
             if prefix is None:
-                y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+                # Training's path: XLA's attention or the platform's flash kernel (model/kernels.py).
+                y = kernels.causal_attention(q, k, v, segment_ids if m.document_mask else None, m)
             else:
                 causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))[None, None]
                 mask = causal if mask is None else mask & causal

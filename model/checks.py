@@ -5,6 +5,7 @@ ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
 POSITIONS = ("rope", "learned", "relative")  # relative: the encoder_decoder's (T5's bias)
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "save_matmuls")
+ATTENTIONS = ("auto", "xla", "flash")  # model/kernels.py
 INITS = ("scaled_normal", "mup")
 ROPE_SCALINGS = ("none", "llama3")
 ADAPTER_ACTIVATIONS = ("relu", "gelu", "silu")
@@ -99,6 +100,8 @@ def check_model(m) -> None:
     _one_of(m, "param_dtype", DTYPES)
     _one_of(m, "compute_dtype", DTYPES)
     _one_of(m, "remat", REMAT)
+    if m.get("attention", "auto") not in ATTENTIONS:
+        raise ConfigError(f"model.attention={m.attention!r} is unknown; choose one of {', '.join(ATTENTIONS)}")
     _one_of(m, "rope_scaling", ROPE_SCALINGS)
     if m.get("mlp", "dense") not in MLPS:
         raise ConfigError(f"model.mlp={m.mlp!r} is unknown; choose one of {', '.join(MLPS)}")

@@ -9,6 +9,17 @@ per-chip DCN figure is the one a plan across slices divides cross-slice bytes by
 it per chip (50 Gbps); v5e's and v6e's give NICs per host (2 x 100 and 4 x 200 Gbps for 8 chips),
 divided here by the chips a host holds (and equal to their pages' "DCN bandwidth per Pod" / 256).
 v4's page gives no such figure: plans across v4 slices leave the DCN out and say so.
+
+Within a slice, chips talk over the inter-chip interconnect (ICI): `ici_links` links per chip (a 3-D
+torus has six, a 2-D one four), each carrying `ici_link_bandwidth` bytes/s in each direction. The pages
+give the chip's total, bidirectional: v5p 1200 GB/s over 6 links, v6e 800 GB/s over 4, v5e 400 GB/s
+over 4 (so 100, 100 and 50 GB/s a link each way); v4's page gives none per chip, only the pod's
+all-reduce bandwidth (1.1 PB/s over 4096 chips: 269 GB/s a chip, 45 GB/s a link each way over 6 links).
+`mxu_efficiency` is the one calibration constant per generation: the share of the peak that a
+step's XLA FLOPs run at, fitted by bench/bench_calibration.py to MaxText's published runs (v5p: four
+runs, each then within 4 MFU points; v6e: the one run, matched by construction; bench/RESULTS.md,
+"Calibration"). Generations with no published run fitted keep 1.0, so
+their plans stay ceilings.
 """
 
 import dataclasses
@@ -27,21 +38,35 @@ class Chip:
     source: str
     dcn_bandwidth: float | None = None  # bytes/s per chip across slices (data-center network); None: unknown
     dcn_source: str = ""
+    ici_links: int = 0  # chip-to-chip links per chip within a slice (0: none, or unknown)
+    ici_link_bandwidth: float = 0.0  # bytes/s per link in each direction
+    ici_source: str = ""
+    mxu_efficiency: float = 1.0  # calibration: the share of peak_flops a step's XLA FLOPs run at
 
 
 CHIPS = {
     c.name: c
     for c in (
-        Chip("v4", "TPU v4", 275e12, 32 * GiB, 1200e9, 2, "https://cloud.google.com/tpu/docs/v4"),
+        Chip("v4", "TPU v4", 275e12, 32 * GiB, 1200e9, 2, "https://cloud.google.com/tpu/docs/v4",
+             ici_links=6, ici_link_bandwidth=1.1e15 / 4096 / 6, ici_source="https://cloud.google.com/tpu/docs/v4 "
+             "(all-reduce bandwidth per Pod 1.1 PB/s, 4096 chips, 3-D torus)"),
         Chip("v5e", "TPU v5 lite", 197e12, 16 * GiB, 819e9, 1, "https://cloud.google.com/tpu/docs/v5e",
              dcn_bandwidth=2 * 100e9 / 8 / 8, dcn_source="https://cloud.google.com/tpu/docs/v6e (v5e column: "
-             "2 x 100 Gbps NICs per 8-chip host)"),
+             "2 x 100 Gbps NICs per 8-chip host)",
+             ici_links=4, ici_link_bandwidth=400e9 / 4 / 2, ici_source="https://cloud.google.com/tpu/docs/v5e "
+             "(bidirectional ICI bandwidth per chip 400 GBps, 4 ICI ports per chip)"),
         Chip("v5p", "TPU v5", 459e12, 95 * GiB, 2765e9, 2, "https://cloud.google.com/tpu/docs/v5p",
              dcn_bandwidth=50e9 / 8, dcn_source="https://cloud.google.com/tpu/docs/v5p (DCN bandwidth per chip: "
-             "50 Gbps)"),
+             "50 Gbps)",
+             ici_links=6, ici_link_bandwidth=1200e9 / 6 / 2, ici_source="https://cloud.google.com/tpu/docs/v5p "
+             "(bidirectional ICI bandwidth per chip 1200 GBps, 3-D torus)",
+             mxu_efficiency=0.847),  # fitted to MaxText's 70B, 32B, 64B, 128B runs (bench/bench_calibration.py)
         Chip("v6e", "TPU v6 lite", 918e12, 32 * GiB, 1640e9, 1, "https://cloud.google.com/tpu/docs/v6e",
              dcn_bandwidth=4 * 200e9 / 8 / 8, dcn_source="https://cloud.google.com/tpu/docs/v6e (4 x 200 Gbps NICs "
-             "per 8-chip host)"),
+             "per 8-chip host)",
+             ici_links=4, ici_link_bandwidth=800e9 / 4 / 2, ici_source="https://cloud.google.com/tpu/docs/v6e "
+             "(bidirectional ICI bandwidth per chip 800 GBps, 4 ICI ports per chip)",
+             mxu_efficiency=0.533),  # fitted to MaxText's one Llama3.1-8B run: a fit, not yet a check
         # GPUs: dense (not 2:4 sparse) bf16 tensor-core peaks, SXM boards.
         Chip("a100", "NVIDIA A100", 312e12, 80 * 10**9, 2039e9, 1,
              "https://www.nvidia.com/en-us/data-center/a100/"),
