@@ -61,3 +61,24 @@ def test_mup_learning_rate_factors_scale_matrices_only():
     assert matrices and all(f == 64 / 256 for f in matrices)
     state = jax.eval_shape(lambda: step.init_state(c))  # the grouped optimizer builds and counts
     assert optimizer.schedule_count(state["opt_state"]).shape == ()
+
+
+def test_a_mup_run_away_from_its_base_width_compiles_sharded_and_equals_the_unsharded_step():
+    """μP's per-width groups (optax.multi_transform) leave MaskedNodes in Adam's state, which the
+    train state's shardings must carry: `heft train` with model.init=mup at width != mup_base_width."""
+    from heft.train import compiled, sharding
+
+    c = _config("mup", 128)  # base 64: two learning-rate groups
+    c.mesh.data, c.mesh.fsdp = 2, -1
+    c.train.batch_size = 8  # a row per device
+    mesh = sharding.make_mesh(c)
+    tokens = np.random.default_rng(1).integers(0, 256, (8, 17))
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.tile(np.arange(16), (8, 1)),
+             "segment_ids": np.ones((8, 16), np.int32), "weights": np.ones((8, 16), np.float32)}
+    state = compiled.init_state(c, mesh)
+    with sharding.activated(mesh, c):
+        state, metrics = compiled.train_step(c, mesh)(state, jax.device_put(batch, sharding.batch_sharding(c, mesh)))
+    reference = jax.jit(lambda s: step.train_step(c, s, jax.tree.map(jnp.asarray, batch)))(jax.jit(lambda: step.init_state(c))())
+    np.testing.assert_allclose(float(metrics["loss"]), float(reference[1]["loss"]), rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(reference[0]["params"])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=2e-5)  # Adam: ~1% of a step

@@ -163,9 +163,13 @@ def state_shardings(config, mesh: Mesh) -> dict:
 
     params = param_dict_shardings(config.model, mesh, config)
     tx = optimizer.make_for(config)
+    # Under optax.multi_transform (μP's per-width groups) each group's state holds a MaskedNode where
+    # a parameter belongs to another group: it stays one, having no array to place.
+    masked = lambda x: isinstance(x, optax.MaskedNode)
     opt = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, abstract_params(config.model)), params,
-        transform_non_params=lambda _: replicated(mesh),
+        tx, lambda state, sharding: state if masked(state) else sharding,
+        jax.eval_shape(tx.init, abstract_params(config.model)), params,
+        transform_non_params=lambda _: replicated(mesh), is_leaf=masked,
     )
     return {"step": replicated(mesh), "params": params, "opt_state": opt}
 
