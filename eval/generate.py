@@ -164,10 +164,19 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     check_sampling(temperature, top_k, top_p)
     prefill, cache_len = padded_lengths(max(len(p) for p in prompts), max_new_tokens)
     tokens, lengths = pad_prompts(prompts, prefill)
-    out = decode(model, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
-                 jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
-                 jnp.int32(-1 if eos_id is None else eos_id),
-                 max_new_tokens=max_new_tokens, cache_len=cache_len, greedy=temperature == 0)
+    return sample(decode, model, tokens, lengths, max_new_tokens, cache_len, temperature, top_k, top_p, seed,
+                  eos_id)
+
+
+def sample(decode_fn, model, tokens, lengths, max_new_tokens: int, cache_len: int, temperature: float,
+           top_k: int, top_p: float, seed: int, eos_id: int | None) -> list[list[int]]:
+    """Runs a jitted cached decoder (a decoder's `decode` or an encoder-decoder's) on right-padded
+    prompts `tokens` [batch, length] with their `lengths` [batch], the sampling settings passed as
+    arrays so that one compile serves them all; each row is cut after its first `eos_id`."""
+    out = decode_fn(model, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
+                    jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+                    jnp.int32(-1 if eos_id is None else eos_id),
+                    max_new_tokens=max_new_tokens, cache_len=cache_len, greedy=temperature == 0)
     return cut_after_eos(np.asarray(out), eos_id)
 
 

@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 
 from heft.eval import sampling
-from heft.eval.generate import (CACHE_MULTIPLE, check_sampling, check_tokens, cut_after_eos, pad_prompts,
-                                padded_lengths)
+from heft.eval.generate import (CACHE_MULTIPLE, check_sampling, check_tokens, pad_prompts,
+                                padded_lengths, sample)
 from heft.model import precision
 from heft.model.checks import ConfigError
 from heft.model.decoder import init_cache
@@ -94,11 +94,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     length, _ = padded_lengths(max(len(p) for p in prompts), 0)
     tokens, lengths = pad_prompts(prompts, length)
     cache_len = -(-max_new_tokens // CACHE_MULTIPLE) * CACHE_MULTIPLE
-    out = decode(model, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
-                 jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
-                 jnp.int32(-1 if eos_id is None else eos_id),
-                 max_new_tokens=max_new_tokens, cache_len=cache_len, greedy=temperature == 0)
-    return cut_after_eos(np.asarray(out), eos_id)
+    return sample(decode, model, tokens, lengths, max_new_tokens, cache_len, temperature, top_k, top_p, seed,
+                  eos_id)
 
 
 @nnx.jit(static_argnames=("n",))
