@@ -54,7 +54,11 @@ def _markdown(rows: list[dict]) -> str:
 
 
 def fits(rows: list[dict]) -> dict:
-    """The power laws over the points' final held-out losses (those that can be fitted)."""
+    """The power laws over the points' final held-out losses (those that can be fitted); for a sweep
+    over the learning rate, each setting's best rate instead (a size there has a loss per rate, so a
+    law through all of them would fit the rates, not the sizes)."""
+    if lr := lr_optima(rows):
+        return {"lr_optimum": lr}
     out = {}
     for axis in ("params", "compute", "tokens"):
         xs = np.array([r[axis] for r in rows], float)
@@ -63,8 +67,6 @@ def fits(rows: list[dict]) -> dict:
     iso = fit.isoflop([{"compute": r["compute"], "params": r["params"], "loss": r["eval_loss"]} for r in rows])
     if iso.budgets:
         out["isoflop"] = iso.to_json()
-    if lr := lr_optima(rows):
-        out["lr_optimum"] = lr
     return out
 
 
