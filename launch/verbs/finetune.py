@@ -6,7 +6,6 @@ As `heft train`: resumes from DIR's newest checkpoint; SIGTERM, Ctrl-C or --stop
 checkpoint and exits 0; several processes take --coordinator --num_processes --process_id.
 """
 
-import json
 import sys
 
 from absl import flags
@@ -64,16 +63,6 @@ def main(argv):
     except loop.NonFiniteLoss as e:
         raise SystemExit(f"heft finetune: {e}") from None
     if jax.process_index() == 0:
-        from heft.train import goodput
+        from heft.launch.verbs.train import report
 
-        if "stopped_at" in result:
-            print(f"heft finetune: stopped at step {result['stopped_at']} with a checkpoint; rerun the same command "
-                  "to resume")
-            print(goodput.text(result["goodput"]))
-        elif "already_done" in result:
-            print(f"heft finetune: {f.workdir} is already done: its newest checkpoint is step {result['already_done']} "
-                  f"and train.steps={result['steps']}; raise train.steps to train further")
-        else:
-            print(summary_text(result))
-            print(goodput.text(result["goodput"]))
-            print(json.dumps(result))
+        report("finetune", f.workdir, result, summary_text)

@@ -78,15 +78,22 @@ def main(argv):
     except loop.NonFiniteLoss as e:
         raise SystemExit(f"heft train: {e}") from None
     if jax.process_index() == 0:
-        from heft.train import goodput
+        report("train", f.workdir, result, summary_text)
 
-        if "stopped_at" in result:
-            print(f"heft train: stopped at step {result['stopped_at']} with a checkpoint; rerun the same command to resume")
-            print(goodput.text(result["goodput"]))
-        elif "already_done" in result:
-            print(f"heft train: {f.workdir} is already done: its newest checkpoint is step {result['already_done']} "
-                  f"and train.steps={result['steps']}; raise train.steps to train further")
-        else:
-            print(summary_text(result))
-            print(goodput.text(result["goodput"]))
-            print(json.dumps(result))
+
+def report(verb: str, workdir: str, result: dict, summary) -> None:
+    """What `heft train` and `heft finetune` print at the end (process 0): stopped with a checkpoint,
+    already done, or the summary (`summary(result)`), goodput and the result as JSON."""
+    from heft.train import goodput
+
+    if "stopped_at" in result:
+        print(f"heft {verb}: stopped at step {result['stopped_at']} with a checkpoint; rerun the same command to "
+              "resume")
+        print(goodput.text(result["goodput"]))
+    elif "already_done" in result:
+        print(f"heft {verb}: {workdir} is already done: its newest checkpoint is step {result['already_done']} "
+              f"and train.steps={result['steps']}; raise train.steps to train further")
+    else:
+        print(summary(result))
+        print(goodput.text(result["goodput"]))
+        print(json.dumps(result))
