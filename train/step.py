@@ -30,6 +30,11 @@ def loss_sums(config, params, batch, bind=bind):
         logits = model(batch["encoder_inputs"], batch["inputs"], batch["encoder_segment_ids"], batch["segment_ids"])
     else:
         logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return _weighted_sums(logits, batch)
+
+
+def _weighted_sums(logits, batch):
+    """(sum of weighted next-token losses, sum of weights) of logits [batch, length, vocab]."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     weights = batch["weights"].astype(jnp.float32)
     return jnp.sum(losses * weights), jnp.sum(weights)
@@ -50,9 +55,7 @@ def training_sums(config, params, batch, bind=bind):
         return total, (count, {})
     model = bind(m, params)
     logits, router = model(batch["inputs"], batch["positions"], batch["segment_ids"], return_router_losses=True)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # as loss_sums
-    weights = batch["weights"].astype(jnp.float32)
-    total, count = jnp.sum(losses * weights), jnp.sum(weights)
+    total, count = _weighted_sums(logits, batch)
     penalty = m.moe.balance_loss_weight * router["balance_loss"] + m.moe.z_loss_weight * router["z_loss"]
     return total + penalty * count, (count, {"loss": total} | {k: v * count for k, v in router.items()})
 
