@@ -6,10 +6,9 @@ fresh adapters computes exactly what the model without them computes.
 """
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from heft.model import init, precision
+from heft.model import dense, init, precision
 
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu}
 
@@ -26,7 +25,7 @@ class Adapter(nnx.Module):
     def __call__(self, h):
         """[batch, length, embed] -> [batch, length, embed], in h's dtype."""
         m = self.m
-        z = jnp.einsum("btd,da->bta", h, precision.compute(self.down[...], m)) + precision.compute(self.down_bias[...], m)
+        z = dense.project(h, precision.compute(self.down[...], m)) + precision.compute(self.down_bias[...], m)
         z = ACTIVATIONS[m.adapter_activation](z)
-        z = jnp.einsum("bta,ad->btd", z, precision.compute(self.up[...], m)) + precision.compute(self.up_bias[...], m)
+        z = dense.project(z, precision.compute(self.up[...], m)) + precision.compute(self.up_bias[...], m)
         return h + z.astype(h.dtype)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from heft.model import init, kernels, precision
+from heft.model import dense, init, kernels, precision
 from heft.model.axes import constrain
 from heft.model.checks import head_dim
 from heft.model.positions import rope
@@ -34,7 +34,7 @@ class Attention(nnx.Module):
     def _project(self, x, name):
         """[batch, length, embed] -> [batch, length, heads, head_dim] for weight `name`."""
         w = getattr(self, name)[...]
-        y = jnp.einsum("btd,dhk->bthk", x, precision.compute(w, self.m))
+        y = dense.project(x, precision.compute(w, self.m))
         if self.m.use_bias:
             y = y + precision.compute(getattr(self, name + "_bias")[...], self.m)
         return y
@@ -83,7 +83,7 @@ class Attention(nnx.Module):
             else:
                 y = _with_prefix(q, precision.compute(keys, m), precision.compute(values, m), mask[:, None], prefix, m)
             cache = (keys, values, end)
-        y = jnp.einsum("bthk,hkd->btd", y, precision.compute(self.o[...], m))
+        y = dense.project(y, precision.compute(self.o[...], m), inputs=2)
         if m.use_bias:
             y = y + precision.compute(self.o_bias[...], m)
         return constrain(y, "batch", "length", "act_embed"), cache
@@ -106,7 +106,7 @@ class Attention(nnx.Module):
         q = constrain(self._project(x, "q"), "batch", "length", "act_heads", None)
         y = jax.nn.dot_product_attention(q, precision.compute(keys, m), precision.compute(values, m),
                                          bias=bias, mask=mask, scale=scale)
-        y = jnp.einsum("bthk,hkd->btd", y, precision.compute(self.o[...], m))
+        y = dense.project(y, precision.compute(self.o[...], m), inputs=2)
         if m.use_bias:
             y = y + precision.compute(self.o_bias[...], m)
         return constrain(y, "batch", "length", "act_embed")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from heft.model import checks, init, precision
+from heft.model import checks, dense, init, precision
 from heft.model.adapter import Adapter
 from heft.model.attention import Attention
 from heft.model.axes import constrain
@@ -121,7 +121,7 @@ class Decoder(nnx.Module):
             w = precision.compute(self.embed[...], m).T
         else:
             w = precision.compute(self.readout[...], m)
-        logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=precision.STATS)
+        logits = dense.project(x, w, preferred_element_type=precision.STATS)
         logits = constrain(logits, "batch", "length", "act_vocab")
         out = (logits, cache) if cache is not None else logits
         if return_router_losses:

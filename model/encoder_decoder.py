@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from heft.model import checks, init, precision
+from heft.model import checks, dense, init, precision
 from heft.model.attention import Attention
 from heft.model.axes import constrain
 from heft.model.decoder import REMAT_POLICIES, init_cache  # noqa: F401  (init_cache: the decoder's cache is the same)
@@ -194,8 +194,7 @@ class EncoderDecoder(nnx.Module):
 
         x, cache = self._run(self.decoder.blocks, layer, self._embed(tokens), (cache, cross))
         x = precision.compute(self.decoder.final_norm(x), m)
-        logits = jnp.einsum("btd,dv->btv", x, precision.compute(self.readout[...], m),
-                            preferred_element_type=precision.STATS)
+        logits = dense.project(x, precision.compute(self.readout[...], m), preferred_element_type=precision.STATS)
         logits = constrain(logits, "batch", "length", "act_vocab")
         return logits if cache is None else (logits, cache)
 

@@ -4,10 +4,9 @@ The dense MLP of every block, unless `model.mlp=moe` puts a mixture of experts (
 """
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from heft.model import init, precision
+from heft.model import dense, init, precision
 from heft.model.axes import constrain
 
 GATED = ("swiglu", "geglu")
@@ -30,7 +29,7 @@ class MLP(nnx.Module):
             self.down_bias = init.param(rngs, init.zeros, (D,), ("embed",), m)
 
     def _dense(self, x, name):
-        y = jnp.einsum("btd,df->btf", x, precision.compute(getattr(self, name)[...], self.m))
+        y = dense.project(x, precision.compute(getattr(self, name)[...], self.m))
         if self.m.use_bias:
             y = y + precision.compute(getattr(self, name + "_bias")[...], self.m)
         return y
