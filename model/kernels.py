@@ -44,16 +44,26 @@ def resolve(m, where: str | None = None, length: int | None = None) -> str:
                           f"step compiles for {where}; set model.attention=auto or xla")
     if choice == "auto":
         return "flash" if where in FLASH_PLATFORMS and _suits(m, where, length) else "xla"
+    if choice == "flash" and where == "tpu" and length is not None and not whole_blocks(length):
+        raise ConfigError(f"train.seq_len={length} does not split into splash attention's blocks ({LANE} to "
+                          f"{SPLASH_BLOCK} tokens, a multiple of {LANE}, dividing the length); use a multiple of "
+                          f"{LANE} (of {SPLASH_BLOCK} above {SPLASH_BLOCK}) or set model.attention=auto or xla")
     return choice
 
 
+def whole_blocks(length: int) -> bool:
+    """Whether splash's blocks (whole multiples of the TPU's lanes) tile a sequence of `length`."""
+    block = splash_block(length)
+    return length % block == 0 and block % LANE == 0
+
+
 def _suits(m, where: str, length: int | None) -> bool:
-    """Whether auto may take the fused kernel: TPU's splash wants a head_dim the lanes divide and
-    a length its blocks (whole multiples of the lanes) divide."""
+    """Whether auto may take the fused kernel: on a TPU, a length splash's blocks tile, and a head_dim
+    the lanes divide (smaller heads compile, for v5e at 32, 64 and 96, but fill a fraction of each
+    lane: asked for with model.attention=flash, not taken by auto)."""
     if where != "tpu":
         return True
-    block = splash_block(length) if length else SPLASH_BLOCK
-    return head_dim(m) % LANE == 0 and (length is None or (length % block == 0 and block % LANE == 0))
+    return head_dim(m) % LANE == 0 and (length is None or whole_blocks(length))
 
 
 def causal_attention(q, k, v, segment_ids, m):

@@ -65,13 +65,20 @@ def test_auto_takes_the_fused_kernel_where_the_platform_has_one():
     assert kernels.platform() == "cpu"
 
 
-def test_flash_on_the_cpu_and_unknown_names_are_one_line_errors():
+def test_flash_where_it_cannot_run_and_unknown_names_are_one_line_errors():
     with pytest.raises(ConfigError, match=r"^model.attention=flash needs a TPU .* compiles for cpu; set "
                                           r"model.attention=auto or xla$"):
         kernels.causal_attention(*_qkv(), _model("flash"))
     m = _model("fast")
     with pytest.raises(ConfigError, match=r"^model.attention='fast' is unknown; choose one of auto, xla, flash$"):
         check_model(m)
+    with pytest.raises(ConfigError, match=r"^train.seq_len=64 does not split into splash attention's blocks \(128 to "
+                                          r"512 tokens, a multiple of 128, dividing the length\); use a multiple of 128 "
+                                          r"\(of 512 above 512\) or set model.attention=auto or xla$"):
+        kernels.resolve(_model("flash"), "tpu", 64)
+    assert kernels.resolve(_model("flash"), "tpu", 384) == "flash" and kernels.resolve(_model("flash"), "tpu", 1024)
+    with pytest.raises(ConfigError, match=r"^train.seq_len=1000 does not split"):
+        kernels.resolve(_model("flash"), "tpu", 1000)
     old = ml_collections.ConfigDict(_model().to_dict())
     del old["attention"]  # a config saved before the field existed trains with auto
     assert kernels.resolve(old, "cpu") == "xla"

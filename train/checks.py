@@ -11,6 +11,7 @@ divisibility); the training loop runs it before compiling.
 import math
 
 from heft.model import checks as model_checks
+from heft.model import kernels
 from heft.model.checks import ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -165,4 +166,5 @@ def check(config, mesh) -> None:
                           f"micro-batches of {micro} sequences, which do not split over the {n} devices that hold "
                           "the batch; use fewer micro-batches or a larger batch")
     experts.check(config, mesh)  # the expert axis splits the experts evenly
+    kernels.resolve(config.model, mesh.devices.flat[0].platform, t.seq_len)  # flash where it cannot run
     sharding.param_dict_shardings(config.model, mesh, config)  # divisibility of every parameter
