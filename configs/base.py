@@ -47,10 +47,12 @@ def get_config() -> ml_collections.ConfigDict:
     # the depth-scaled blocks move it little at init; tied embeddings need a small one (GPT-2: 0.02).
     m.embed_init_std = 1.0
     m.scan_layers = True  # stacked blocks under a scan; False unrolls them (same parameters)
-    # What the backward pass keeps vs recomputes: none | full | save_matmuls. save_matmuls keeps
-    # matmul outputs and recomputes the elementwise ops; under the layer scan it is also faster
-    # than keeping everything (bench/RESULTS.md: 0.87 vs 1.11 s per step at the bench shape).
-    m.remat = "save_matmuls"
+    # What the backward pass keeps vs recomputes: auto | none | full | save_matmuls. save_matmuls keeps
+    # matmul outputs and recomputes the elementwise ops; full keeps each block's input only. Which is
+    # fastest depends on the machine (bench/RESULTS.md), so auto chooses at the start of a run: on a
+    # TPU the least recompute the plan says fits, elsewhere the fastest of a few timed steps each;
+    # cached by config and machine, and logged (train/remat.py).
+    m.remat = "auto"
     # Attention stays inside each packed document (by the batch's segment ids). Packing restarts
     # positions at every document, so without the mask a token would also see the previous
     # document's keys at RoPE offsets it never meets at inference (MaxText masks and resets together).

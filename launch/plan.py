@@ -45,7 +45,7 @@ from jax.sharding import SingleDeviceSharding
 from heft.launch import collectives, costs, kernels, topology
 from heft.model import kernels as kernel_choice
 from heft.model.checks import ConfigError
-from heft.train import checks, chips, compiled, sharding, size
+from heft.train import checks, chips, compiled, remat, sharding, size
 
 
 @dataclasses.dataclass
@@ -323,9 +323,23 @@ def layout_mesh(config, devices):
         return sharding.make_mesh(config, devices)
 
 
-def plan(config, topology_name: str) -> Plan:
-    """`heft plan` without the printing: the config's own layout, compiled for the named slice."""
-    return fit_check(config, mesh_for(config, topology_name), topology_name)
+def plan(config, topology_name: str, note=lambda line: None) -> Plan:
+    """`heft plan` without the printing: the config's own layout, compiled for the named slice.
+
+    model.remat=auto is chosen as `heft train` would choose it on that slice (train/remat.py): the
+    least recompute that fits, said through `note`."""
+    mesh = mesh_for(config, topology_name)
+    if config.model.remat != "auto":
+        return fit_check(config, mesh, topology_name)
+    plans = {}
+
+    def predict(c, mesh):
+        plans[c.model.remat] = fit_check(c, mesh, topology_name)
+        return plans[c.model.remat].step_seconds if plans[c.model.remat].fits else None
+
+    choice = remat.by_prediction(config, mesh, predict)
+    note(choice.line())
+    return plans[choice.remat]
 
 
 def _gib(n: float) -> str:
@@ -398,19 +412,41 @@ def table(p: Plan) -> str:
     return "\n".join(rows)
 
 
-def fit_for_training(config, mesh, note=print):
-    """What `heft train` runs before training on a TPU: the real step compiled and measured. Stops
-    with the plan's table if it does not fit in HBM; returns the compiled step (the one the loop then
-    runs: one compile, not two), or None off TPUs or on a chip the table does not know (with a note).
+class ForTraining:
+    """What `heft train` compiles on a TPU before training: the real step, measured by the plan.
+
+    `predict(config, mesh)`: the step's predicted seconds, or None if it does not fit (how
+    model.remat=auto chooses there); `fit(config, mesh)`: stops with the plan's table if the step
+    does not fit in HBM, else returns the compiled step (the one the loop then runs). A config
+    compiles once for both. Off TPUs, or on a chip the table does not know (with a note), neither
+    applies: `predict` is None and `fit` returns None.
     """
-    device = jax.devices()[0]
-    if device.platform != "tpu":
-        return None
-    if chips.by_kind(device.device_kind) is None:
-        note(f"heft: no chip table entry for TPU device kind {device.device_kind!r}: training without the "
-             "memory fit check")
-        return None
-    p = fit_check(config, mesh)
-    if not p.fits:
-        raise ConfigError("this run does not fit in TPU memory:\n" + table(p))
-    return p.executable
+
+    def __init__(self, note=print):
+        device = jax.devices()[0]
+        self.on_tpu = device.platform == "tpu"
+        if self.on_tpu and chips.by_kind(device.device_kind) is None:
+            note(f"heft: no chip table entry for TPU device kind {device.device_kind!r}: training without the "
+                 "memory fit check")
+            self.on_tpu = False
+        self.predict = self._predict if self.on_tpu else None
+        self._plans = {}
+
+    def _plan(self, config, mesh) -> Plan:
+        key = config.to_json()
+        if key not in self._plans:
+            self._plans[key] = fit_check(config, mesh)
+        return self._plans[key]
+
+    def _predict(self, config, mesh) -> float | None:
+        p = self._plan(config, mesh)
+        return p.step_seconds if p.fits else None
+
+    def fit(self, config, mesh):
+        if not self.on_tpu:
+            return None
+        p = self._plan(config, mesh)
+        if not p.fits:
+            raise ConfigError("this run does not fit in TPU memory:\n" + table(p))
+        self._plans.clear()  # the chosen step is returned; the candidates' executables can go
+        return p.executable

@@ -20,8 +20,8 @@ from heft.launch import plan as planning
 from heft.launch import topology
 from heft.model.checks import ConfigError, expert_width, sparse
 from heft.train import checks, sharding
+from heft.train.remat import CANDIDATES as REMATS  # least recompute first
 
-REMATS = ("none", "save_matmuls", "full")
 TENSOR = (1, 2, 4, 8)  # tensor parallelism beyond 8 rarely pays: its collectives sit on every matmul
 
 

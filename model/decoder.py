@@ -27,6 +27,13 @@ REMAT_POLICIES = {
 }
 
 
+def remat_policy(m) -> str:
+    """model.remat as the blocks run it. `auto` is chosen by the training loop (train/remat.py) before
+    the step is built; where nothing chose (a forward pass, a step compiled by hand) it runs as
+    save_matmuls, which only changes what a backward pass keeps, never a number."""
+    return "save_matmuls" if m.remat == "auto" else m.remat
+
+
 class Block(nnx.Module):
     """x + attention(norm(x)), then x + mlp(norm(x)); the mlp is a mixture of experts with model.mlp=moe."""
 
@@ -148,8 +155,8 @@ class Decoder(nnx.Module):
         def layer(block, x, cache, prefix):
             return block(x, positions, segment_ids, cache, prefix)
 
-        if m.remat != "none":
-            layer = nnx.remat(layer, policy=REMAT_POLICIES[m.remat], prevent_cse=False)
+        if remat_policy(m) != "none":
+            layer = nnx.remat(layer, policy=REMAT_POLICIES[remat_policy(m)], prevent_cse=False)
 
         @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0, 0),
                   unroll=1 if m.scan_layers else True,

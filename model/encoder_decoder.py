@@ -34,7 +34,7 @@ from flax import nnx
 from heft.model import checks, dense, init, precision
 from heft.model.attention import Attention
 from heft.model.axes import constrain
-from heft.model.decoder import REMAT_POLICIES, init_cache  # noqa: F401  (init_cache: the decoder's cache is the same)
+from heft.model.decoder import REMAT_POLICIES, init_cache, remat_policy  # noqa: F401  (init_cache: the decoder's cache is the same)
 from heft.model.mlp import MLP
 from heft.model.norms import Norm
 from heft.model.relative import RelativeBias
@@ -221,8 +221,8 @@ class EncoderDecoder(nnx.Module):
         one entry per layer on a leading [depth] axis (or None). Returns (x, outputs stacked on [depth]).
         """
         m = self.m
-        if m.remat != "none":
-            layer = nnx.remat(layer, policy=REMAT_POLICIES[m.remat], prevent_cse=False)
+        if remat_policy(m) != "none":
+            layer = nnx.remat(layer, policy=REMAT_POLICIES[remat_policy(m)], prevent_cse=False)
 
         @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0), unroll=1 if m.scan_layers else True,
                   transform_metadata={nnx.PARTITION_NAME: "layers"})

@@ -12,6 +12,9 @@ import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# model.remat=auto would compile and time three policies for every new shape the tests train; they
+# run save_matmuls instead (tests/test_remat.py measures for real, with this unset).
+os.environ.setdefault("HEFT_REMAT_AUTO", "save_matmuls")
 
 sys.path.insert(0, os.path.dirname(__file__))
 

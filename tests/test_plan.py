@@ -72,7 +72,7 @@ def test_loop_bodies_are_counted_once_per_trip():
 def test_70b_with_unsharded_parameters_does_not_fit_on_v5e_2x2_and_says_by_how_much():
     c = llama2_70b.get_config()
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1  # parameters replicated on every chip
-    c.train.batch_size = 4
+    c.train.batch_size, c.model.remat = 4, "save_matmuls"
     p = plan.plan(c, "v5e:2x2")
     count = size.report(c)["total_params"]
     assert p.params == pytest.approx(4 * count, rel=0.01)
@@ -88,6 +88,7 @@ def test_70b_with_unsharded_parameters_does_not_fit_on_v5e_2x2_and_says_by_how_m
 def test_70b_fits_with_fsdp_over_a_large_enough_slice():
     c = llama2_70b.get_config()  # data 1 x fsdp -1: parameters and Adam split over every chip
     c.train.batch_size = 64  # one 4096-token sequence per chip
+    c.model.remat = "save_matmuls"
     p = plan.plan(c, "v5p:4x4x4")
     assert p.mesh == {"slices": 1, "data": 1, "fsdp": 64, "expert": 1, "tensor": 1}
     assert p.fits and p.shortfall == 0
@@ -190,3 +191,12 @@ def test_a_flash_attention_step_compiles_for_a_tpu_and_its_kernels_flops_are_cou
     per_chip = c.train.batch_size // p.chips
     assert p.kernel_flops == pytest.approx(11 * 2 * per_chip * 2 * 256 * 256 * 128)
     assert p.flops > p.kernel_flops and 0 < p.mfu < 1
+
+
+def test_remat_auto_plans_the_least_recompute_that_fits_and_says_so():
+    said = []
+    p = plan.plan(_tiny(), "v5e:2x2", note=said.append)  # tiny keeps everything with room to spare
+    assert p.remat == "none" and p.fits
+    assert said == [f"heft: model.remat=auto chose none ({p.step_seconds:.3g} s per step; predicted by the plan)"]
+    off_tpu = plan.ForTraining()  # this CPU: heft train times the policies instead, and checks no fit
+    assert off_tpu.predict is None and off_tpu.fit(_tiny(), None) is None

@@ -39,3 +39,12 @@ def gather_ints():
     from jax.experimental import multihost_utils
 
     return lambda x: [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int64(x))).ravel()]
+
+
+def gather_floats():
+    """An allgather of one float per process, like `gather_ints`."""
+    if jax.process_count() == 1:
+        return lambda x: [x]
+    from jax.experimental import multihost_utils
+
+    return lambda x: [float(v) for v in np.asarray(multihost_utils.process_allgather(np.float64(x))).ravel()]

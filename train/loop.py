@@ -17,7 +17,7 @@ import numpy as np
 
 from heft.data import loader as data_loader
 from heft.data import processes as data_processes
-from heft.train import checkpoint, checks, compiled, goodput, hosts, lock, metrics, peak, sharding, size, storage
+from heft.train import checkpoint, checks, compiled, goodput, hosts, lock, metrics, peak, remat, sharding, size, storage
 
 
 class NonFiniteLoss(RuntimeError):
@@ -47,13 +47,14 @@ class Trainee:
     facts: dict = dataclasses.field(default_factory=dict)
     check: Callable = lambda resume: None
     tokenizer_path: str | None = None
+    plain_step: bool = False  # its step is compiled.train_step's, which remat=auto may have compiled already
 
 
 def pretraining() -> Trainee:
     """`heft train`'s trainee: every parameter of the model, from a fresh init."""
     return Trainee(lambda config, mesh: Program(
         abstract_state=compiled.abstract_state(config, mesh), init_state=lambda: compiled.init_state(config, mesh),
-        train_step=compiled.train_step(config, mesh), eval_step=compiled.eval_step(config, mesh)))
+        train_step=compiled.train_step(config, mesh), eval_step=compiled.eval_step(config, mesh)), plain_step=True)
 
 
 def prepare_data(config, tokenizer_path=None):
@@ -101,7 +102,7 @@ def take_workdir(workdir, note=print):
 
 
 def train(config, workdir: str, stop_requested=lambda step: False, compile_checked=None,
-          trainee: Trainee | None = None) -> dict:
+          trainee: Trainee | None = None, predict_step=None) -> dict:
     """Trains `config` in `workdir` (resuming from its newest sealed checkpoint); returns a summary dict.
 
     `stop_requested(step)` is asked after every step; True saves a checkpoint there and returns
@@ -110,14 +111,16 @@ def train(config, workdir: str, stop_requested=lambda step: False, compile_check
     `compile_checked(config, mesh)`, if given, compiles the step and checks it fits the devices
     before any state is made (`heft train` passes the TPU plan's fit check); it returns the compiled
     step, which the loop then runs, or None to let the loop compile it. `trainee` defaults to
-    `pretraining()`.
+    `pretraining()`. `model.remat=auto` is chosen before anything compiles (train/remat.py), by
+    `predict_step(config, mesh) -> seconds or None` where given (the TPU plan's), else by timing.
     """
     mesh = sharding.make_mesh(config)
     checks.check(config, mesh)
     compiled.use_compilation_cache(config)
     held = take_workdir(workdir)
     try:
-        return _train(config, workdir, mesh, stop_requested, held, compile_checked, trainee or pretraining())
+        return _train(config, workdir, mesh, stop_requested, held, compile_checked, trainee or pretraining(),
+                      predict_step)
     finally:
         if held is not None:
             held.release()
@@ -128,7 +131,7 @@ def _note(text: str) -> None:
         print(text, flush=True)
 
 
-def _train(config, workdir, mesh, stop_requested, held, compile_checked, trainee) -> dict:
+def _train(config, workdir, mesh, stop_requested, held, compile_checked, trainee, predict_step) -> dict:
     t = config.train
     ckpt = checkpoint.Checkpointer(workdir, config, note=_note, facts=trainee.facts)
     resume = ckpt.latest()
@@ -147,10 +150,15 @@ def _train(config, workdir, mesh, stop_requested, held, compile_checked, trainee
         prepared = prepare_data(config, tokenizer_path=resume.tokenizer_path)
     ckpt.prepared = prepared
 
+    # The checkpoint keeps remat=auto (what the user asked for); the step runs what auto chose.
+    checked_start = time.perf_counter()  # choosing and the TPU fit check compile the step: compilation time
+    chosen = remat.resolve(config, mesh, predict_step, note=_note)
+    config = remat.with_remat(config, chosen.remat) if chosen is not None else config
     program = trainee.make(config, mesh)
     abstract, frozen = program.abstract_state, program.frozen
-    checked_start = time.perf_counter()  # the TPU fit check compiles the step: compilation time
     step_fn = compile_checked(config, mesh) if compile_checked is not None else None
+    if step_fn is None and chosen is not None and trainee.plain_step:
+        step_fn = chosen.executable  # timed here, so already compiled (None when cached or predicted)
     checked_s = time.perf_counter() - checked_start
     loader_state = None
     if resume is None:

@@ -58,7 +58,8 @@ def activation_bytes_per_token(m, seq_len: int) -> float:
     Counts the tensors each block saves for its gradient: with no remat, norm inputs and outputs,
     q/k/v, the float32 attention logits and probabilities (XLA attention keeps [heads, length] per
     query), the MLP's pre- and post-activation; `save_matmuls` keeps the matmul outputs only;
-    `full` keeps each block's input. An estimate, good to ~30%; `heft plan` measures the real one.
+    `full` keeps each block's input; `auto` is estimated as `none`, the most it may keep. An
+    estimate, good to ~30%; `heft plan` measures the real one.
     """
     c = 2 if m.compute_dtype == "bfloat16" else 4
     D, F, H, K, Dh = m.width, m.mlp_width, m.heads, m.kv_heads, checks.head_dim(m)
@@ -193,7 +194,8 @@ def table(r: dict) -> str:
         parts = r.get("bytes_by_dtype", {}).get(k, {})
         detail = f"  ({', '.join(f'{d} {_gib(b)}' for d, b in parts.items())})" if len(parts) > 1 else ""
         rows.append(f"  {k:<15} {_gib(v):>16}{detail}")
-    rows.append(f"training memory at batch {r['batch']} x length {r['seq_len']}, remat={r['remat']} "
+    remat = r["remat"] + (" (estimated as none: the run chooses)" if r["remat"] == "auto" else "")
+    rows.append(f"training memory at batch {r['batch']} x length {r['seq_len']}, remat={remat} "
                 "(all devices together)")
     rows += [f"  {k:<15} {_gib(v):>16}" for k, v in r["training_bytes"].items()]
     rows.append(f"training FLOPs    {_human(r['flops_per_token'], 'FLOP')} per token"

@@ -45,5 +45,5 @@ def main(argv):
                                progress=lambda s: print(s, file=sys.stderr, flush=True))
         print(json.dumps(result.to_json()) if f.json else search.table(result))
         return
-    p = plan.plan(f.config, f.topology)
+    p = plan.plan(f.config, f.topology, note=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(p.to_json()) if f.json else plan.table(p))

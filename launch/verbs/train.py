@@ -74,7 +74,8 @@ def main(argv):
 
     stop = preemption.StopSignal(f.stop_after)
     try:
-        result = loop.train(f.config, f.workdir, stop_requested=stop, compile_checked=plan.fit_for_training)
+        tpu = plan.ForTraining()
+        result = loop.train(f.config, f.workdir, stop_requested=stop, compile_checked=tpu.fit, predict_step=tpu.predict)
     except loop.NonFiniteLoss as e:
         raise SystemExit(f"heft train: {e}") from None
     if jax.process_index() == 0:

@@ -1,0 +1,158 @@
+"""model.remat=auto: every policy timed once per config and machine, the fastest kept and cached, what
+does not fit skipped, the TPU's choice from the plan's prediction, and one choice for every process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from heft.configs import tiny
+from heft.model.checks import ConfigError
+from heft.train import loop, remat, sharding
+
+
+def _config(**model):
+    c = tiny.get_config()
+    c.model.update(**{**dict(vocab=256, width=32, depth=2, heads=2, kv_heads=2, mlp_width=64, max_len=32), **model})
+    c.train.update(batch_size=8, seq_len=32)
+    return c
+
+
+@pytest.fixture
+def measuring(monkeypatch, tmp_path):
+    """auto as a user gets it: no $HEFT_REMAT_AUTO, and a cache of this test's own."""
+    monkeypatch.delenv("HEFT_REMAT_AUTO", raising=False)
+    monkeypatch.setenv("HEFT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "remat"
+
+
+def test_auto_times_every_policy_keeps_the_fastest_and_the_next_run_reads_it_back(measuring, monkeypatch):
+    c = _config()
+    mesh = sharding.make_mesh(c)
+    said = []
+    first = remat.resolve(c, mesh, note=said.append)
+    assert set(first.seconds) == set(remat.CANDIDATES) and all(s > 0 for s in first.seconds.values())
+    assert first.remat == min(first.seconds, key=first.seconds.get)
+    assert first.executable is not None  # the loop runs the step it timed: no second compile
+    assert said == [first.line()] and said[0].startswith(f"heft: model.remat=auto chose {first.remat} (")
+    assert "timed on this machine" in said[0]
+    (record,) = measuring.iterdir()
+    saved = json.loads(record.read_text())
+    assert saved["remat"] == first.remat and saved["machine"]["platform"] == "cpu" and saved["batch"][:2] == [8, 32]
+
+    monkeypatch.setattr(remat.compiled, "train_step", lambda *a: pytest.fail("a cached choice compiled a step"))
+    again = remat.resolve(c, mesh, note=said.append)
+    assert again.remat == first.remat and again.executable is None and "cached: timed on this machine" in said[1]
+
+
+def test_the_cache_is_keyed_by_model_batch_mesh_and_machine_but_not_by_remat(monkeypatch):
+    c = _config()
+    mesh = sharding.make_mesh(c)
+    key = remat.cache_key(c, mesh)[0]
+    assert remat.cache_key(remat.with_remat(c, "full"), mesh)[0] == key
+    wider = _config(width=64)
+    assert remat.cache_key(wider, mesh)[0] != key
+    bigger = _config()
+    bigger.train.batch_size = 16
+    assert remat.cache_key(bigger, mesh)[0] != key
+    assert remat.cache_key(c, sharding.make_mesh(c, remat.jax.devices()[:4]))[0] != key
+    monkeypatch.setattr(remat, "_cpu_model", lambda: "AMD EPYC / 26 / 2 / 0")  # the next CI machine, a Zen 5
+    assert remat.cache_key(c, mesh)[0] != key
+
+
+def test_a_policy_that_does_not_fit_is_not_run_and_with_none_fitting_auto_takes_full(measuring, monkeypatch):
+    c = _config()
+    monkeypatch.setattr(remat, "_device_bytes", lambda mesh: 1)  # every step needs more than a byte
+    monkeypatch.setattr(remat, "_median_step", lambda *a: pytest.fail("ran a step that does not fit"))
+    said = []
+    choice = remat.resolve(c, sharding.make_mesh(c), note=said.append)
+    assert choice.remat == "full" and choice.seconds == {r: None for r in remat.CANDIDATES}
+    assert "none does not fit; save_matmuls does not fit" in said[0]
+
+
+def test_on_a_tpu_the_plan_predicts_and_the_least_recompute_that_fits_is_taken(measuring):
+    asked = []
+
+    def predict(config, mesh):  # none is over the HBM; save_matmuls fits
+        asked.append(config.model.remat)
+        return None if config.model.remat == "none" else 2.5
+
+    c = _config()
+    said = []
+    choice = remat.resolve(c, sharding.make_mesh(c), predict=predict, note=said.append)
+    assert choice.remat == "save_matmuls" and asked == ["none", "save_matmuls"]  # full never compiled
+    assert said == ["heft: model.remat=auto chose save_matmuls (2.5 s per step; none does not fit; predicted by the plan)"]
+
+
+def test_a_set_policy_is_left_alone_and_heft_remat_auto_is_checked(measuring, monkeypatch):
+    c = _config(remat="full")
+    assert remat.resolve(c, sharding.make_mesh(c)) is None
+    monkeypatch.setenv("HEFT_REMAT_AUTO", "ful")
+    with pytest.raises(ConfigError, match=r"\$HEFT_REMAT_AUTO='ful' is not a remat policy; set one of none, "
+                                          "save_matmuls, full"):
+        remat.resolve(_config(), sharding.make_mesh(c))
+    monkeypatch.setenv("HEFT_REMAT_AUTO", "none")
+    said = []
+    assert remat.resolve(_config(), sharding.make_mesh(c), note=said.append).remat == "none"
+    assert said == ["heft: model.remat=auto runs none (set by $HEFT_REMAT_AUTO)"]
+
+
+def test_the_run_trains_with_the_choice_and_its_checkpoint_keeps_auto(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HEFT_REMAT_AUTO", "full")
+    c = _config(vocab=512)  # what the embedded corpus's tokenizer needs at least
+    c.train.update(steps=4, warmup_steps=1, checkpoint_every=4, eval_every=4, log_every=2)
+    c.data.heldout_fraction = 0.1
+    loop.train(c, str(tmp_path / "run"))
+    assert "heft: model.remat=auto runs full (set by $HEFT_REMAT_AUTO)" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "run" / "checkpoints" / "4" / "manifest.json").read_text())
+    assert manifest["config"]["model"]["remat"] == "auto"  # what was asked; a resume does not see a change
+    c.train.steps = 6
+    monkeypatch.setenv("HEFT_REMAT_AUTO", "none")  # another machine's choice: the same run goes on
+    loop.train(c, str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "changed setting: model.remat" not in out and "heft: model.remat=auto runs none" in out
+
+
+_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax
+    port, pid = sys.argv[1:]
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))
+    from test_remat import _config
+    from heft.train import remat, sharding
+
+    c = _config()
+    mesh = sharding.make_mesh(c)
+    if pid == "0":  # process 0 measured full fastest on an earlier run; process 1's cache is empty
+        key, identity = remat.cache_key(c, mesh)
+        remat._write(os.path.join(remat._cache_dir(), key + ".json"),
+                     {"remat": "full", "seconds": {"none": 3.0, "save_matmuls": 2.0, "full": 1.0},
+                      "how": "timed on this machine", "when": "2026-11-29", **identity})
+    remat._time = lambda *a: sys.exit("process " + pid + " timed the policies")
+    print("OUT", remat.resolve(c, mesh, note=lambda line: None).remat, flush=True)
+    """
+)
+
+
+def test_every_process_takes_process_0s_choice_whatever_its_own_cache_holds(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    procs = []
+    for i in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "HEFT_REMAT_AUTO")}
+        env.update(HEFT_CACHE=str(tmp_path / f"cache{i}"), PYTHONPATH=os.pathsep.join(
+            [os.path.dirname(__file__), env.get("PYTHONPATH", "")]))
+        procs.append(subprocess.Popen([sys.executable, str(script), str(port), str(i)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert [next(x for x in o.splitlines() if x.startswith("OUT ")) for o, _ in outs] == ["OUT full"] * 2
