@@ -219,6 +219,7 @@ def _train(config, workdir, mesh, stop_requested, held, compile_checked, trainee
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "finite"}
                 elapsed = time.perf_counter() - interval_start - paused
                 step_time = elapsed / interval_steps
+                peak_flops = peak.remeasured(config, peak_flops, flops_per_step / step_time)
                 values.update(
                     tokens_per_s=tokens_per_step / step_time,
                     step_time_s=step_time,

@@ -51,3 +51,15 @@ def machine_peak(config, warn=print) -> float:
     if devices[0].platform == "cpu":
         return measure_matmul_flops()
     return device_peak(devices[0], warn) * len(devices)
+
+
+def remeasured(config, peak_flops: float, achieved: float) -> float:
+    """The peak to divide by once a run has achieved `achieved` FLOP/s against `peak_flops`.
+
+    A CPU peak measured while other work held the cores reads low, and MFU then passes 100%: when a
+    step beats the peak, measure again and keep the larger, never below what the step achieved. A
+    chip table's or a configured peak is left alone (exceeding it is a FLOP count's error to see).
+    """
+    if achieved <= peak_flops or config.train.peak_flops > 0 or jax.devices()[0].platform != "cpu":
+        return peak_flops
+    return max(peak_flops, machine_peak(config), achieved)
