@@ -35,6 +35,12 @@ ROWS = [
     ("Llama3.1-8B", "v6e:16x16", 0.4546, "MaxText benchmarks/maxtext_trillium_model_configs.py llama3_1_8b_8192",
      dict(model="llama3_1_8b", batch=4 * 256, seq=8192, tensor=1, remat="full"),
      "MaxText offloads the layer inputs and q/k/v/out projections to host memory; heft cannot: full remat"),
+    ("Llama2-70B on v6e", "v6e:16x16", 0.438, TIERING + "; maxtext_trillium_model_configs.py llama2_70b_4096_synthetic",
+     dict(model="llama2_70b", batch=2 * 256, seq=4096, tensor=1, remat="save_matmuls"),
+     "MaxText offloads the q/k/v projections to host memory (qkv_proj_offloaded); heft cannot"),
+    ("Llama3.1-70B", "v6e:16x16", 0.5033, TIERING + "; maxtext_trillium_model_configs.py llama3_1_70b_8192",
+     dict(model="llama3_1_70b", batch=5 * 256, seq=8192, tensor=1, remat="save_matmuls"),
+     "MaxText offloads the layer inputs and q/k/v projections to host memory; heft cannot"),
     ("32B (MaxText default_32b)", "v5p:4x4x4", 0.6776, OLD_README,
      dict(model=("scale", 32), batch=7 * 64, seq=2048, tensor=4, remat="save_matmuls"), ""),
     ("64B (MaxText default_64b)", "v5p:4x4x4", 0.7031, OLD_README,
@@ -65,6 +71,10 @@ def config(spec: dict):
 
     if spec["model"] == "llama2_70b":
         c = llama2_70b.get_config()
+    elif spec["model"] == "llama3_1_70b":  # Llama 2 70B's shapes with Llama 3's vocabulary and RoPE
+        c = llama2_70b.get_config()
+        c.name = "llama3_1_70b"
+        c.model.update(vocab=128256, rope_theta=500000.0, rope_scaling="llama3", max_len=8192)
     elif spec["model"] == "llama3_1_8b":
         c = llama3_8b.get_config()
         c.name = "llama3_1_8b"
