@@ -1,16 +1,13 @@
 """The loader: deterministic shuffled packing, per-process slices of one stream, exact resume."""
 
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
 import textwrap
 from collections import Counter
 
 import numpy as np
 import pytest
+import workers
 
 from heft.configs import base
 from heft.data import loader, prepare
@@ -224,21 +221,9 @@ _WORKER = textwrap.dedent(
 
 
 def test_global_batch_over_two_processes_holds_the_one_process_batch(prepared, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
-    args = [str(port), "PID", prepared.store_path, prepared.tokenizer_path, json.dumps(prepared.metadata)]
-    procs = [
-        subprocess.Popen([sys.executable, str(script)] + [a if a != "PID" else str(i) for a in args],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=180) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
-    [line] = [x for x in outs[0][0].splitlines() if x.startswith("ROWS ")]  # gloo also prints
+    outs = workers.run(tmp_path, _WORKER, args=(prepared.store_path, prepared.tokenizer_path,
+                                                json.dumps(prepared.metadata)), timeout=180)
+    [line] = [x for x in outs[0].splitlines() if x.startswith("ROWS ")]  # gloo also prints
     rows = np.array(json.loads(line[5:]))
     ld = loader.Loader(prepared, "train", L, B, seed=0)
     ld.next()

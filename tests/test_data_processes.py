@@ -2,12 +2,9 @@
 
 import hashlib
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
+import workers
 from test_data_prepare import write_corpus
 
 from heft.data import processes
@@ -53,23 +50,11 @@ _WORKER = textwrap.dedent(
 def test_two_processes_with_their_own_caches_get_process_0s_tokenizer_and_the_same_ids(tmp_path):
     corpus = tmp_path / "corpus"
     write_corpus(corpus)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-    procs = []
-    for i in range(2):
-        home = tmp_path / f"home{i}"  # data.cache_dir unset: each process caches under its own HOME
-        home.mkdir()
-        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "HEFT_CACHE")}
-        env["HOME"] = str(home)
-        procs.append(subprocess.Popen(
-            [sys.executable, str(script), str(port), str(i), str(corpus), str(tmp_path / "shared")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=240) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
-    zero, one = (json.loads(next(x for x in o.splitlines() if x.startswith("OUT "))[4:]) for o, _ in outs)
+    for i in range(2):  # data.cache_dir unset: each process caches under its own HOME
+        (tmp_path / f"home{i}").mkdir()
+    outs = workers.run(tmp_path, _WORKER, args=(corpus, tmp_path / "shared"),
+                       env=lambda i: {"HOME": str(tmp_path / f"home{i}"), "HEFT_CACHE": None})
+    zero, one = (json.loads(next(x for x in o.splitlines() if x.startswith("OUT "))[4:]) for o in outs)
 
     own0, own1 = zero["own"], one["own"]
     assert own0["store"].startswith(str(tmp_path / "home0")) and own1["store"].startswith(str(tmp_path / "home1"))

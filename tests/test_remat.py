@@ -2,13 +2,10 @@
 does not fit skipped, the TPU's choice from the plan's prediction, and one choice for every process."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
+import workers
 
 from heft.configs import tiny
 from heft.model.checks import ConfigError
@@ -141,18 +138,6 @@ _WORKER = textwrap.dedent(
 
 
 def test_every_process_takes_process_0s_choice_whatever_its_own_cache_holds(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-    procs = []
-    for i in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "HEFT_REMAT_AUTO")}
-        env.update(HEFT_CACHE=str(tmp_path / f"cache{i}"), PYTHONPATH=os.pathsep.join(
-            [os.path.dirname(__file__), env.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen([sys.executable, str(script), str(port), str(i)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=240) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
-    assert [next(x for x in o.splitlines() if x.startswith("OUT ")) for o, _ in outs] == ["OUT full"] * 2
+    outs = workers.run(tmp_path, _WORKER, env=lambda i: {"HEFT_CACHE": str(tmp_path / f"cache{i}"),
+                                                          "HEFT_REMAT_AUTO": None})
+    assert [next(x for x in o.splitlines() if x.startswith("OUT ")) for o in outs] == ["OUT full"] * 2
