@@ -2,7 +2,6 @@
 logits (to 1e-5 in float32) and greedy tokens, an exported heft MoE loads in transformers with heft's
 logits and greedy tokens, and a round trip changes no bit. Tiny random models, nothing from the hub."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,6 +13,8 @@ from heft.model.decoder import Decoder
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+
+from test_convert import _heft_logits, _hf_logits, _model  # noqa: E402  (the same checks as the dense models')
 
 VOCAB, LENGTH, NEW = 256, 40, 16
 ATOL = 1e-5
@@ -40,25 +41,11 @@ def _hf_model(folder, seed=0):
     return model
 
 
-def _hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.numpy()
-
-
 def _hf_greedy(model, prompt, new=NEW):
     with torch.no_grad():
         out = model.generate(torch.tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
                              max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     return out.numpy()
-
-
-def _model(config, params):
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(config.model, nnx.Rngs(0))))
-    return nnx.merge(graphdef, params)
-
-
-def _heft_logits(config, params, tokens):
-    return np.asarray(_model(config, params)(jnp.asarray(tokens)))
 
 
 def _heft_greedy(config, params, prompt, new=NEW):
