@@ -88,13 +88,13 @@ def config(spec: dict):
     return c
 
 
-def compile_rows(names=None) -> list[dict]:
+def compile_rows(names=None):
+    """Each row's plan, as it is compiled (a generator: the caller keeps each as it comes)."""
     from heft.launch import plan
     from heft.train import chips
 
     for chip in chips.CHIPS.values():  # raw times: the constant is fitted afterwards
         object.__setattr__(chip, "mxu_efficiency", 1.0)
-    out = []
     for name, topology, published, source, spec, gap in ROWS:
         if names and not any(n in name for n in names):
             continue
@@ -107,16 +107,17 @@ def compile_rows(names=None) -> list[dict]:
             c.model.remat = "full"
             p = plan.plan(c, topology)
         per_device = c.train.batch_size // p.chips
-        while not p.fits and c.train.micro_batches < per_device:  # then fewer sequences at a time
-            c.train.micro_batches *= 2
-            note = (note + "; " if note else "") + f"{c.train.micro_batches} micro-batches to fit"
+        # Then fewer sequences at a time: micro-batch counts that split each device's sequences evenly.
+        counts = iter([n for n in range(2, per_device + 1) if per_device % n == 0])
+        while not p.fits and (n := next(counts, None)) is not None:
+            c.train.micro_batches = n
+            note = (note + "; " if note else "") + f"{n} micro-batches to fit"
             p = plan.plan(c, topology)
         row = {"name": name, "topology": topology, "published_mfu": published, "source": source, "note": note,
                "wall_seconds": time.perf_counter() - start, "load": os.getloadavg()[0], "plan": _plain(p.to_json())}
         print(json.dumps({k: v for k, v in row.items() if k != "plan"} | {"mfu_raw": p.mfu, "fits": p.fits}),
               file=sys.stderr, flush=True)
-        out.append(row)
-    return out
+        yield row
 
 
 def _plain(d: dict) -> dict:
@@ -196,12 +197,13 @@ def main(argv):
         rows = json.load(open(JSON))
     else:
         names = [a for a in argv[1:] if not a.startswith("--")]
-        rows = compile_rows(names)
-        if names and os.path.exists(JSON):  # keep the rows not recompiled
-            kept = [r for r in json.load(open(JSON)) if r["name"] not in {x["name"] for x in rows}]
-            rows = kept + rows
-        with open(JSON, "w") as f:
-            json.dump(rows, f, indent=1)
+        rows = json.load(open(JSON)) if os.path.exists(JSON) else []
+        order = [r[0] for r in ROWS]
+        for row in compile_rows(names):  # each row replaces its old one, written as soon as it is done
+            rows = [r for r in rows if r["name"] != row["name"]] + [row]
+            rows.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+            with open(JSON, "w") as f:
+                json.dump(rows, f, indent=1)
     print(table(rows))
 
 

@@ -8,7 +8,9 @@ So auto measures, once per config and machine:
   fits and its predicted step time; no step runs. Recompute only adds FLOPs there, so the policies
   are tried from least recompute up and the first that fits is taken (as `heft plan --search` does);
 - elsewhere (CPU, GPU) each policy is compiled, skipped if its memory does not fit the device, and
-  timed for a few steps on a throwaway state.
+  timed for a few steps on a throwaway state. The step timed is the model's full training step: a
+  fine-tune's own differs in which weights the optimizer updates, not in what the blocks recompute,
+  and the full step's memory is the larger, so what fits it fits the fine-tune.
 The choice is cached in $HEFT_CACHE/remat (else ~/.cache/heft/remat), keyed by the model, the batch,
 the mesh and the machine, so the next run of the same shape starts at once. Every process of a run
 takes process 0's choice: the policy must be the same program everywhere.
