@@ -155,8 +155,8 @@ def _zeros_batch(config, mesh) -> dict:
     """Token 0 everywhere, one document per row: any valid batch takes the same time."""
     out = {}
     for k, s in compiled.abstract_batch(config, mesh).items():
-        value = np.ones(s.shape, s.dtype) if k in ("segment_ids", "weights") else np.zeros(s.shape, s.dtype)
-        if k in ("positions", "encoder_positions"):
+        value = np.ones(s.shape, s.dtype) if k.endswith(("segment_ids", "weights")) else np.zeros(s.shape, s.dtype)
+        if k.endswith("positions"):
             value = np.broadcast_to(np.arange(s.shape[1], dtype=s.dtype), s.shape).copy()
         out[k] = value
     return out
