@@ -67,6 +67,25 @@ def test_remat_does_not_change_gradients():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ref, grads(policy))
 
 
+def test_the_cpu_s_flattened_projections_give_the_accelerators_einsums_logits_and_gradients(monkeypatch):
+    """model/dense.py: one 2-D matmul over batch x length on the CPU, the 3-D einsum on a TPU or GPU."""
+    from heft.model import kernels
+
+    c = tiny.get_config()
+    c.model.use_bias, c.model.adapter_width = True, 8  # every projection, biases and adapters too
+    tokens = _tokens(c)
+
+    def logits_and_grads():
+        model = Decoder(c.model, nnx.Rngs(0))
+        loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(tokens), tokens).mean()
+        return model(tokens), nnx.grad(loss)(model)
+
+    cpu = logits_and_grads()
+    monkeypatch.setattr(kernels, "platform", lambda: "tpu")
+    tpu = logits_and_grads()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), cpu, tpu)
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_grouped_kv_heads_equal_repeated_full_heads(kv_heads):
     """GQA is MHA whose key/value heads are copies: build that MHA and compare logits."""
