@@ -119,13 +119,17 @@ _WORKER = textwrap.dedent(
     import json, os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     import jax
-    port, pid = sys.argv[1:]
+    port, pid, seeded = sys.argv[1:]
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))
     from test_remat import _config
     from heft.train import remat, sharding
 
     c = _config()
     mesh = sharding.make_mesh(c)
+    if seeded == "timed":  # nothing cached anywhere: both processes time every policy together
+        choice = remat.resolve(c, mesh, note=lambda line: None)
+        print("OUT", choice.remat, json.dumps(choice.seconds), choice.executable is not None, flush=True)
+        sys.exit(0)
     if pid == "0":  # process 0 measured full fastest on an earlier run; process 1's cache is empty
         key, identity = remat.cache_key(c, mesh)
         remat._write(os.path.join(remat._cache_dir(), key + ".json"),
@@ -137,7 +141,20 @@ _WORKER = textwrap.dedent(
 )
 
 
+def _two_processes(tmp_path, seeded: str) -> list[str]:
+    outs = workers.run(tmp_path, _WORKER, args=(seeded,), env=lambda i: {"HEFT_CACHE": str(tmp_path / f"cache{i}"),
+                                                                          "HEFT_REMAT_AUTO": None})
+    return [next(x for x in o.splitlines() if x.startswith("OUT ")) for o in outs]
+
+
 def test_every_process_takes_process_0s_choice_whatever_its_own_cache_holds(tmp_path):
-    outs = workers.run(tmp_path, _WORKER, env=lambda i: {"HEFT_CACHE": str(tmp_path / f"cache{i}"),
-                                                          "HEFT_REMAT_AUTO": None})
-    assert [next(x for x in o.splitlines() if x.startswith("OUT ")) for o in outs] == ["OUT full"] * 2
+    assert _two_processes(tmp_path, "cached") == ["OUT full"] * 2
+
+
+def test_two_processes_time_the_policies_together_and_agree(tmp_path):
+    zero, one = (line.split(" ", 2)[1:] for line in _two_processes(tmp_path, "timed"))
+    assert zero == one  # the same policy and the same (slowest process's) seconds on both
+    seconds, compiled = zero[1].rsplit(" ", 1)
+    assert zero[0] == min(json.loads(seconds), key=json.loads(seconds).get) and compiled == "True"
+    assert len(list((tmp_path / "cache0" / "remat").iterdir())) == 1  # process 0 keeps the choice
+    assert not (tmp_path / "cache1" / "remat").exists()
