@@ -46,6 +46,21 @@ def test_auto_times_every_policy_keeps_the_fastest_and_the_next_run_reads_it_bac
     assert again.remat == first.remat and again.executable is None and "cached: timed on this machine" in said[1]
 
 
+def test_a_gs_cache_keeps_the_choice_for_the_next_run(gcs, monkeypatch):
+    """$HEFT_CACHE on gs:// (a pod's shared cache, which survives a preemption) holds the choice too."""
+    monkeypatch.delenv("HEFT_REMAT_AUTO", raising=False)
+    monkeypatch.setenv("HEFT_CACHE", gcs)
+    timed = remat.Choice("full", {"none": 3.0, "save_matmuls": 2.0, "full": 1.0}, "timed on this machine")
+    monkeypatch.setattr(remat, "_time", lambda config, mesh: timed)
+    c = _config()
+    mesh = sharding.make_mesh(c)
+    assert remat.resolve(c, mesh, note=lambda line: None) is timed
+    assert remat.cache_file(remat.cache_key(c, mesh)[0]).startswith(gcs + "/remat/")
+    monkeypatch.setattr(remat, "_time", lambda config, mesh: pytest.fail("the gs:// cache was not read"))
+    again = remat.resolve(c, mesh, note=lambda line: None)
+    assert again.remat == "full" and again.seconds == timed.seconds and again.how.startswith("cached: timed")
+
+
 def test_the_cache_is_keyed_by_model_batch_mesh_and_machine_but_not_by_remat(monkeypatch):
     c = _config()
     mesh = sharding.make_mesh(c)
@@ -132,7 +147,7 @@ _WORKER = textwrap.dedent(
         sys.exit(0)
     if pid == "0":  # process 0 measured full fastest on an earlier run; process 1's cache is empty
         key, identity = remat.cache_key(c, mesh)
-        remat._write(os.path.join(remat._cache_dir(), key + ".json"),
+        remat._write(remat.cache_file(key),
                      {"remat": "full", "seconds": {"none": 3.0, "save_matmuls": 2.0, "full": 1.0},
                       "how": "timed on this machine", "when": "2026-11-29", **identity})
     remat._time = lambda *a: sys.exit("process " + pid + " timed the policies")

@@ -71,10 +71,11 @@ def use_compilation_cache(config) -> str | None:
     """
     import os
 
+    from heft.data import prepare
+
     where = config.train.get("compilation_cache", "")
     if where == "none":
         return None
-    where = where or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
-        os.path.expanduser(os.environ.get("HEFT_CACHE") or "~/.cache/heft"), "compile")
+    where = where or os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(prepare.cache_dir("") / "compile")
     jax.config.update("jax_compilation_cache_dir", where)
     return where

@@ -11,8 +11,8 @@ So auto measures, once per config and machine:
   timed for a few steps on a throwaway state. The step timed is the model's full training step: a
   fine-tune's own differs in which weights the optimizer updates, not in what the blocks recompute,
   and the full step's memory is the larger, so what fits it fits the fine-tune.
-The choice is cached in $HEFT_CACHE/remat (else ~/.cache/heft/remat), keyed by the model, the batch,
-the mesh and the machine, so the next run of the same shape starts at once. Every process of a run
+The choice is cached in $HEFT_CACHE/remat (else ~/.cache/heft/remat; local or gs://), keyed by the
+model, the batch, the mesh and the machine, so the next run of the same shape starts at once. Every process of a run
 takes process 0's choice: the policy must be the same program everywhere.
 
 $HEFT_REMAT_AUTO=POLICY makes auto run POLICY without measuring: for a test suite or a CI job that
@@ -31,8 +31,9 @@ from typing import Callable
 import jax
 import numpy as np
 
+from heft.data import prepare
 from heft.model.checks import ConfigError
-from heft.train import compiled, hosts, sharding
+from heft.train import compiled, hosts, sharding, storage
 
 CANDIDATES = ("none", "save_matmuls", "full")  # least recompute first: ties go to the first
 STEPS = 3  # timed steps per candidate, after one untimed (its first run pays for allocation)
@@ -42,7 +43,7 @@ STEPS = 3  # timed steps per candidate, after one untimed (its first run pays fo
 class Choice:
     remat: str
     seconds: dict  # candidate -> median step seconds (or predicted), None where it did not fit
-    how: str  # "timed", "predicted", or "cached (timed 2026-11-29)"
+    how: str  # how it was chosen, as the log line says it
     executable: object = None  # the chosen step, compiled, when it was timed here (the loop reuses it)
 
     def line(self) -> str:
@@ -64,7 +65,7 @@ def resolve(config, mesh, predict: Callable | None = None, note=print) -> Choice
         return None
     fixed = _fixed()  # on every process: a bad value stops them all, not process 0 alone
     key, identity = cache_key(config, mesh)
-    path = os.path.join(_cache_dir(), key + ".json")
+    path = cache_file(key)
     cached = hosts.broadcast_json((fixed or _read(path)) if jax.process_index() == 0 else None)
     if cached is not None and not cached["seconds"]:
         choice = Choice(cached["remat"], {}, cached["how"])
@@ -146,7 +147,6 @@ def _median_step(config, mesh, fn) -> float:
         jax.block_until_ready(metrics)
         if i:
             times.append(time.perf_counter() - start)
-    del state
     # Every process's own median, then the slowest: the step is as fast as its slowest process.
     return max(hosts.gather_floats()(float(np.median(times))))
 
@@ -199,8 +199,8 @@ def cache_key(config, mesh) -> tuple[str, dict]:
         "model": model, "batch": [t.batch_size, t.seq_len, t.get("micro_batches", 1)],
         "mesh": {k: int(v) for k, v in mesh.shape.items()}, "machine": machine(mesh),
     }
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return digest, identity
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20], json.loads(text)
 
 
 def machine(mesh) -> dict:
@@ -231,25 +231,21 @@ def _cpu_model() -> str:
     return " / ".join(fields.get(k, "?") for k in ("model name", "cpu family", "model", "stepping"))
 
 
-def _cache_dir() -> str:
-    return os.path.join(os.path.expanduser(os.environ.get("HEFT_CACHE") or "~/.cache/heft"), "remat")
+def cache_file(key: str) -> str:
+    """Where the choice for `cache_key`'s key is kept: under heft's cache ($HEFT_CACHE, local or gs://)."""
+    return str(prepare.cache_dir("") / "remat" / f"{key}.json")
 
 
 def _read(path: str) -> dict | None:
     try:
-        with open(path) as f:
-            found = json.load(f)
+        found = storage.read_json(path)
         return found if found.get("remat") in CANDIDATES else None
     except (OSError, ValueError, AttributeError):
-        return None  # none yet, or a torn or foreign file: measure again
+        return None  # none yet, or a foreign file: measure again
 
 
 def _write(path: str, record: dict) -> None:
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1, default=str)
-        os.replace(tmp, path)  # whole or not at all: a reader never sees half a choice
+        storage.write_json(path, record)  # whole or not at all: a reader never sees half a choice
     except OSError:
         pass  # a read-only or full cache costs the next run a measurement, not this run
