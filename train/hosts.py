@@ -34,17 +34,17 @@ def broadcast_json(obj, size: int = 1 << 16):
 
 def gather_ints():
     """An allgather of one integer per process: `gather(x) -> [x of process 0, x of process 1, ...]`."""
-    if jax.process_count() == 1:
-        return lambda x: [x]
-    from jax.experimental import multihost_utils
-
-    return lambda x: [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int64(x))).ravel()]
+    return _gather(np.int64, int)
 
 
 def gather_floats():
     """An allgather of one float per process, like `gather_ints`."""
+    return _gather(np.float64, float)
+
+
+def _gather(array_type, value_type):
     if jax.process_count() == 1:
         return lambda x: [x]
     from jax.experimental import multihost_utils
 
-    return lambda x: [float(v) for v in np.asarray(multihost_utils.process_allgather(np.float64(x))).ravel()]
+    return lambda x: [value_type(v) for v in np.asarray(multihost_utils.process_allgather(array_type(x))).ravel()]
