@@ -88,12 +88,27 @@ def run(c, steps: int, profile: str | None) -> dict:
             "model_gflops_per_s": round(r["flops_per_step"] / step_s / 1e9, 1), "flops_per_step": r["flops_per_step"]}
 
 
-def maxtext_command(python: str, width: int, steps: int, workdir: str) -> list[str]:
+def _maxtext_env() -> dict:
+    """This environment without heft's PYTHONPATH and XLA flags: MaxText runs its own Python and JAX."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+
+
+def maxtext_install(python: str) -> dict:
+    """Where MaxText's package lies under `python`, and its and JAX's versions."""
+    probe = ("import json, os, jax, maxtext; from importlib.metadata import version; print(json.dumps("
+             "{'base': os.path.dirname(maxtext.__file__), 'version': f'maxtext {version(\"maxtext\")}, jax {jax.__version__}'}))")
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, env=_maxtext_env())
+    if out.returncode != 0:
+        tail = out.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise SystemExit(f"bench_train: no MaxText under {python}: {tail[0]}; install it with "
+                         "`python3.12 -m venv mt && mt/bin/pip install maxtext==0.2.5`")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def maxtext_command(python: str, base: str, width: int, steps: int, workdir: str) -> list[str]:
     """MaxText 0.2.5's trainer at the bench shape: its defaults are Llama-2 blocks (RMSNorm, RoPE,
     SwiGLU, untied readout), AdamW, full remat and scanned layers."""
-    import_base = subprocess.run([python, "-c", "import maxtext, os; print(os.path.dirname(maxtext.__file__))"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
-    return [python, "-m", "maxtext.trainers.pre_train.train", os.path.join(import_base, "configs", "base.yml"),
+    return [python, "-m", "maxtext.trainers.pre_train.train", os.path.join(base, "configs", "base.yml"),
             "run_name=bench", f"base_output_directory={workdir}", "hardware=cpu", "skip_jax_distributed_system=true",
             "dataset_type=synthetic", "enable_checkpointing=false", f"base_emb_dim={width}",
             "base_num_decoder_layers=4", "base_num_query_heads=4", "base_num_kv_heads=4", "base_mlp_dim=1024",
@@ -103,19 +118,16 @@ def maxtext_command(python: str, width: int, steps: int, workdir: str) -> list[s
 
 def run_maxtext(python: str, width: int, steps: int) -> dict:
     """Median step seconds of MaxText's own per-step log, after its compile and first steps."""
+    install = maxtext_install(python)
     with tempfile.TemporaryDirectory() as workdir:
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
-        out = subprocess.run(maxtext_command(python, width, steps, workdir), capture_output=True, text=True,
-                             env=env, cwd=workdir)
+        out = subprocess.run(maxtext_command(python, install["base"], width, steps, workdir), capture_output=True,
+                             text=True, env=_maxtext_env(), cwd=workdir)
     seconds = [float(s) for s in re.findall(r"completed step: \d+, seconds: ([0-9.]+)", out.stderr + out.stdout)]
     if out.returncode != 0 or len(seconds) < steps:
         tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
         raise SystemExit(f"bench_train: MaxText did not run ({python}, exit {out.returncode}): {tail[0]}")
-    version = subprocess.run([python, "-c", "import jax; from importlib.metadata import version as v; "
-                              "print(f'maxtext {v(\"maxtext\")}, jax {jax.__version__}')"],
-                             capture_output=True, text=True).stdout.strip()
     step_s = float(np.median(seconds[-steps:]))
-    return {"maxtext": version, "width": width, "step_s": round(step_s, 4),
+    return {"maxtext": install["version"], "width": width, "step_s": round(step_s, 4),
             "tokens_per_s": round(BATCH * LENGTH / step_s)}
 
 
