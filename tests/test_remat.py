@@ -2,6 +2,7 @@
 does not fit skipped, the TPU's choice from the plan's prediction, and one choice for every process."""
 
 import json
+import os
 import textwrap
 
 import pytest
@@ -173,3 +174,22 @@ def test_two_processes_time_the_policies_together_and_agree(tmp_path):
     assert zero[0] == min(json.loads(seconds), key=json.loads(seconds).get) and compiled == "True"
     assert len(list((tmp_path / "cache0" / "remat").iterdir())) == 1  # process 0 keeps the choice
     assert not (tmp_path / "cache1" / "remat").exists()
+
+
+def test_heft_train_times_once_and_the_next_run_of_the_shape_starts_from_the_cache(tmp_path):
+    """From the command line, as a user meets it: the first run measures, the resumed one reads it back."""
+    import subprocess
+
+    from test_train_loop import _overrides
+
+    env = {k: v for k, v in os.environ.items() if k != "HEFT_REMAT_AUTO"}
+    env["HEFT_CACHE"] = str(tmp_path / "heft_cache")
+    outs = []
+    for steps in (3, 5):
+        r = subprocess.run(["heft", "train", f"--workdir={tmp_path / 'run'}", *_overrides(tmp_path, steps=steps)],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(next(x for x in r.stdout.splitlines() if x.startswith("heft: model.remat=auto")))
+    assert outs[0].startswith("heft: model.remat=auto chose ") and outs[0].endswith("; timed on this machine)")
+    assert outs[1].split(" (")[0] == outs[0].split(" (")[0] and "cached: timed on this machine" in outs[1]
+    assert len(list((tmp_path / "heft_cache" / "remat").iterdir())) == 1
