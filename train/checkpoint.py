@@ -156,6 +156,7 @@ class Checkpointer:
         self.directory = storage.path(workdir) / "checkpoints"
         k = config.checkpoint
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        storage.quiet_orphaned_no_space_errors()  # a full disk is reported once, by `out_of_space`
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # retention is heft's (`_retain`): orbax cannot tell sealed steps from unsealed
             enable_async_checkpointing=k.async_save, create=True, cleanup_tmp_directories=False,
