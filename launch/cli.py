@@ -8,6 +8,7 @@ defined. The stages (model, data, train, eval, convert) never import launch/: it
 import glob
 import importlib
 import os
+import select
 import signal
 import sys
 
@@ -36,8 +37,46 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # `heft ... | head` ends quietly when the reader stops, as command-line tools do.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # `heft ... | head` ends quietly when the reader stops, as command-line tools do. Not by restoring
+    # SIGPIPE's default: that would let any library's write to a closed socket or pipe (asyncio's
+    # wake-up socket while orbax shuts down, say) kill a training run without a word.
+    try:
+        _main(argv)
+    except SystemExit:
+        _flush_stdout()
+        raise
+    except BrokenPipeError:
+        _end_quietly_if_reader_gone()
+        raise
+    _flush_stdout()
+
+
+def _flush_stdout() -> None:
+    """Flushes here rather than at exit, where a reader gone early prints 'Exception ignored'."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _end_quietly_if_reader_gone()
+        raise
+
+
+def _end_quietly_if_reader_gone() -> None:
+    if _reader_gone(sys.stdout):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        os._exit(128 + signal.SIGPIPE)  # the status a shell shows for a reader gone: 141
+
+
+def _reader_gone(stream) -> bool:
+    """Whether `stream` is a pipe whose reading end has closed (poll reports an error on its writing end)."""
+    try:
+        poll = select.poll()
+        poll.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _main(argv: list[str] | None) -> None:
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(usage())

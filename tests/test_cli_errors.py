@@ -102,3 +102,18 @@ def test_convert_mistake_prints_one_line_before_the_slow_part(mistake, hf_folder
         args, says = [f"--to_hf={tmp_path / 'nowhere'}", f"--out={tmp_path / 'file'}"], "is an existing file"
     assert_one_line(heft(["convert", *args], tmp_path), "convert", says)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_reader_gone_early_ends_heft_quietly_and_sigpipe_stays_ignored(tmp_path):
+    """`heft ... | head`: exit 141 without a BrokenPipeError trace; and SIGPIPE keeps Python's disposition
+    (ignored), since its default kills a run on any library's write to a closed socket (it did: a full
+    disk's save, shutting orbax down, ended `heft train` with 141 and no message)."""
+    read, write = os.pipe()
+    os.close(read)
+    r = subprocess.run(["heft", "help"], stdout=write, stderr=subprocess.PIPE, timeout=300)
+    os.close(write)
+    assert r.returncode == 141 and r.stderr == b"", r.stderr.decode()[-2000:]
+    probe = ("import signal, sys\nfrom heft.launch import cli\ntry:\n    cli.main(['heft', 'help'])\n"
+             "except SystemExit:\n    pass\nprint(signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN)")
+    out = subprocess.run([os.sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "True", out

@@ -43,7 +43,7 @@ def test_full_disk_stops_in_one_line_and_keeps_the_newest_complete_checkpoint(tm
     assert rc != 0
     assert "Traceback" not in err, err[-3000:]
     lines = err.strip().splitlines()
-    assert len(lines) == 1, err[-3000:]
+    assert len(lines) == 1, (rc, err[-3000:], (out / "train.out").read_text()[-3000:])
     assert lines[0] == ("heft train: no space left on tmpfs (mounted at " f"{mnt}) while saving step 10; the newest "
                         "complete checkpoint is step 5"), lines[0]
     assert int((out / "verify.rc").read_text()) == 0, (out / "verify.out").read_text()
@@ -79,3 +79,36 @@ def test_orphaned_write_errors_of_a_full_disk_are_not_printed(caplog):
         assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
         orphan(ValueError("a real bug"))
     assert [r for r in caplog.records if "never retrieved" in r.getMessage()], "other orphaned errors still print"
+
+
+def test_a_step_whose_seal_lost_the_race_for_space_is_sealed_once_the_failed_save_is_gone(tmp_path, monkeypatch):
+    """Step 1 committed, then its seal failed because the next save filled the disk: once that save's
+    files are removed, step 1 is sealed and named as the newest complete checkpoint (it was called
+    'none' before, and left for the next start)."""
+    import errno
+
+    from test_checkpoint import _config
+
+    from heft.train import checkpoint, compiled, custody, manifest, sharding
+
+    c = _config()
+    state = compiled.init_state(c, sharding.make_mesh(c))
+    real, calls = custody.seal, []
+
+    def full_once(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(custody, "seal", full_once)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), c)
+    ckpt.save(1, state, {"consumed": 8})
+    ckpt.wait()
+    ckpt.custodian.queue.put(None)
+    ckpt.custodian.thread.join()
+    error = ckpt.custodian.error
+    assert error is not None and not manifest.is_sealed(ckpt.step_dir(1))
+    message = str(ckpt.out_of_space(error))
+    assert message.endswith("while saving step 1; the newest complete checkpoint is step 1"), message
+    assert manifest.verify(str(ckpt.step_dir(1)))["step"] == 1

@@ -399,13 +399,40 @@ class Checkpointer:
             for p in self._listing()[1]:
                 p.rmtree(missing_ok=True)
 
+    def _seal_what_committed(self, steps: list[int]) -> int | None:
+        """After `abort` freed the failed save's space: seal the newest of `steps` that committed (its seal
+        may have lost the race for space to the next save). One process seals it here; with several, the
+        seal is collective and they may not all be here, so it is left to the next start (`_recover`),
+        and that step is returned."""
+        done = [s for s in steps if committed(self.step_dir(s)) and self._sealable(self.step_dir(s))]
+        if not done:
+            return None
+        step = max(done)
+        if self.process_count > 1:
+            return step
+        facts, extra = _seal_facts(read_facts(self.step_dir(step)))
+        try:
+            custody.seal(self.step_dir(step), facts, 0, 1, extra_files=extra,
+                         signing_key=self.config.checkpoint.get("signing_key") or None)
+        except OSError:
+            return step
+        self._retain(step)
+        return None
+
     def out_of_space(self, error: BaseException, writer_path=None) -> CheckpointError:
         """The one-line error for a full disk, after `abort` (the newest sealed step stays intact)."""
         unsealed = [s for s in self.started if not manifest.is_sealed(self.step_dir(s))]
+        # the oldest save whose data did not commit ran out (a later one only started after it, an
+        # earlier one's seal only failed because it took the space)
+        failed = min((s for s in unsealed if not committed(self.step_dir(s))), default=max(unsealed, default=None))
         self.abort()
+        pending = self._seal_what_committed(unsealed)
         sealed = self.sealed_steps()
-        newest = f"step {sealed[-1]}" if sealed else "none: no save completed"
-        what = f"saving step {min(unsealed)}" if unsealed else f"writing {writer_path or self.directory}"
+        if pending is not None and (not sealed or pending > sealed[-1]):
+            newest = f"step {pending} (saved; the next start seals it)"
+        else:
+            newest = f"step {sealed[-1]}" if sealed else "none: no save completed"
+        what = f"saving step {failed}" if failed is not None else f"writing {writer_path or self.directory}"
         return CheckpointError(f"no space left on {storage.device_of(self.directory)} while {what}; "
                                f"the newest complete checkpoint is {newest}")
 
