@@ -58,9 +58,9 @@ def test_orphaned_write_errors_of_a_full_disk_are_not_printed(caplog):
     import errno
     import gc
 
-    from heft.train import storage
+    from heft.train import quiet
 
-    storage.quiet_orphaned_no_space_errors()
+    quiet.failed_save_echoes()
 
     async def fail(error):
         raise error
@@ -112,3 +112,29 @@ def test_a_step_whose_seal_lost_the_race_for_space_is_sealed_once_the_failed_sav
     message = str(ckpt.out_of_space(error))
     assert message.endswith("while saving step 1; the newest complete checkpoint is step 1"), message
     assert manifest.verify(str(ckpt.step_dir(1)))["step"] == 1
+
+
+EXPORT = """
+set -u
+heft train --workdir={run} {args} > {out}/train.out 2>&1 || exit 3
+mount -t tmpfs -o size=200k tmpfs {mnt}
+heft export --checkpoint={run} --out={mnt}/params > {out}/export.out 2> {out}/export.err
+echo $? > {out}/export.rc
+ls -A {mnt} > {out}/left.txt
+"""
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs unshare --user --mount (a private tmpfs)")
+def test_export_to_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
+    mnt, out, run = tmp_path / "mnt", tmp_path / "out", tmp_path / "run"
+    mnt.mkdir()
+    out.mkdir()
+    args = " ".join(_overrides(tmp_path, steps=4, **{"train.checkpoint_every": 4, "train.eval_every": 1000}))
+    script = EXPORT.format(mnt=mnt, out=out, run=run, args=args)
+    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", script], timeout=600)
+    assert r.returncode == 0, (out / "train.out").read_text()[-3000:]
+    err = (out / "export.err").read_text()
+    assert int((out / "export.rc").read_text()) != 0
+    assert err.strip() == (f"heft export: no space left on tmpfs (mounted at {mnt}) while writing {mnt}/params; "
+                           "removed the partial write; free some space or write elsewhere"), err[-3000:]
+    assert (out / "left.txt").read_text() == ""

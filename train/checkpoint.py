@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import path as ocp_path
 
 from heft.model.checks import sparse
-from heft.train import custody, hosts, manifest, storage
+from heft.train import custody, hosts, manifest, quiet, storage
 from heft.train.manifest import CheckpointError
 
 TOKENIZER = "tokenizer.model"
@@ -156,7 +156,7 @@ class Checkpointer:
         self.directory = storage.path(workdir) / "checkpoints"
         k = config.checkpoint
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
-        storage.quiet_orphaned_no_space_errors()  # a full disk is reported once, by `out_of_space`
+        quiet.failed_save_echoes()  # a full disk is reported once, by `out_of_space`
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # retention is heft's (`_retain`): orbax cannot tell sealed steps from unsealed
             enable_async_checkpointing=k.async_save, create=True, cleanup_tmp_directories=False,
@@ -445,17 +445,33 @@ def save_params(directory: str, config, params: dict, tokenizer_path: str | None
     directory = storage.path(directory)
     if (directory / "params").exists() or (directory.exists() and not directory.is_dir()):
         raise CheckpointError(f"{directory} already exists and is not an empty directory; choose a new one")
-    if jax.process_index() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / "params", params)
-        ckptr.wait_until_finished()
-    extra = {"config.json": config_to_json(config).encode()}
-    if tokenizer_path:
-        data = storage.path(tokenizer_path).read_bytes()
-        extra[tokenizer_file(data)] = data
-    all_facts = {"config": _config_dict(config), "code_version": manifest.code_version(), **facts}
-    custody.seal(directory, all_facts, jax.process_index(), jax.process_count(), extra_files=extra)
+    existed = directory.exists()
+    before = {p.name for p in directory.iterdir()} if existed else set()
+    quiet.failed_save_echoes()
+    try:
+        if jax.process_index() == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(directory / "params", params)
+            ckptr.wait_until_finished()
+        extra = {"config.json": config_to_json(config).encode()}
+        if tokenizer_path:
+            data = storage.path(tokenizer_path).read_bytes()
+            extra[tokenizer_file(data)] = data
+        all_facts = {"config": _config_dict(config), "code_version": manifest.code_version(), **facts}
+        custody.seal(directory, all_facts, jax.process_index(), jax.process_count(), extra_files=extra)
+    except Exception as e:
+        # A half-written output would only block the next try ("already exists"): remove what this wrote.
+        if jax.process_index() == 0 and directory.exists():
+            for p in directory.iterdir():
+                if p.name not in before:
+                    p.rmtree(missing_ok=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if not existed:
+                directory.rmtree(missing_ok=True)
+        if storage.no_space(e):
+            raise CheckpointError(f"no space left on {storage.device_of(directory)} while writing {directory}; "
+                                  "removed the partial write; free some space or write elsewhere") from None
+        raise
     hosts.barrier("params saved")
 
 

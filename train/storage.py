@@ -13,7 +13,6 @@ gcsfs is its gs:// backend), so local folders and buckets share one code path. T
 
 import errno
 import json
-import logging
 import os
 
 from etils import epath
@@ -62,28 +61,6 @@ def no_space(e: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
-
-
-class _OrphanedNoSpace(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" for a write that failed on a full disk.
-
-    When the disk fills, orbax's parallel writes each fail; the save reports the first (heft turns it
-    into one line) and the rest are garbage-collected unretrieved, which asyncio logs with a traceback
-    each, at any moment after, even at exit. Other orphaned errors still print."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not (error is not None and "never retrieved" in str(record.msg) and no_space(error))
-
-
-_orphaned_no_space = _OrphanedNoSpace()
-
-
-def quiet_orphaned_no_space_errors() -> None:
-    """Installs the filter above on asyncio's logger (idempotent)."""
-    logger = logging.getLogger("asyncio")
-    if _orphaned_no_space not in logger.filters:
-        logger.addFilter(_orphaned_no_space)
 
 
 def device_of(p) -> str:

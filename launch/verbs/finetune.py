@@ -6,10 +6,8 @@ As `heft train`: resumes from DIR's newest checkpoint; SIGTERM, Ctrl-C or --stop
 checkpoint and exits 0; several processes take --coordinator --num_processes --process_id.
 """
 
-import sys
 
 from absl import flags
-from absl import logging as absl_logging
 
 
 def define_flags():
@@ -43,11 +41,6 @@ def main(argv):
     from heft.quantize import qat
 
     qat.check(f.config)  # quantize.weights without quantize.qat, or the reverse, stops here
-    # The same quieting of orbax's echoes of a failed save as heft train's (see there).
-    from heft.launch.verbs.train import _OrbaxErrorsRaisedAnyway, _quiet_closed_loops
-
-    absl_logging.get_absl_handler().addFilter(_OrbaxErrorsRaisedAnyway())
-    sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
     from heft.launch import distributed
 
     distributed.initialize(f.coordinator, f.num_processes, f.process_id)

@@ -5,11 +5,8 @@ and exits 0 (train/preemption.py).
 """
 
 import json
-import logging
-import sys
 
 from absl import flags
-from absl import logging as absl_logging
 
 
 def define_flags():
@@ -32,28 +29,6 @@ def summary_text(s: dict) -> str:
             f"(of {s['peak_flops'] / 1e9:,.0f} GFLOP/s peak)")
 
 
-class _OrbaxErrorsRaisedAnyway(logging.Filter):
-    """orbax logs a failed async save (a full disk, say) with three tracebacks before raising it in the
-    training thread, where heft reports it in one line (or, for errors it cannot explain, with the
-    traceback): the logged copies add nothing."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
-
-
-def _quiet_closed_loops(default_hook):
-    """When a save fails, orbax closes its event loop while tensorstore writes are still pending;
-    as each completes, tensorstore reports "Event loop is closed" as an unraisable exception. The
-    failure itself is reported by the training thread; these echoes are dropped."""
-
-    def hook(unraisable):
-        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-            return
-        default_hook(unraisable)
-
-    return hook
-
-
 def main(argv):
     del argv
     f = flags.FLAGS
@@ -62,8 +37,6 @@ def main(argv):
 
         raise ConfigError("heft train trains float weights; quantization-aware training is heft finetune's "
                           "quantize.qat=true, and heft quantize converts a trained checkpoint")
-    absl_logging.get_absl_handler().addFilter(_OrbaxErrorsRaisedAnyway())
-    sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
     from heft.launch import distributed
 
     distributed.initialize(f.coordinator, f.num_processes, f.process_id)
