@@ -245,29 +245,32 @@ def export_hf(config, params, out_dir: str, max_shard_bytes: int = 2 * 1024**3, 
         if isinstance(flat[path], jax.Array) and not flat[path].is_fully_addressable:
             raise ConvertError("export gathers each tensor in this process, but the parameters span several "
                                "processes; run heft convert --to_hf in a single process")
-    paths.path(out_dir).mkdir(parents=True, exist_ok=True)
-    dtype = jnp.dtype(dtype or m.param_dtype)
-    by_name = {t.hf: t for t in plan}
-    sizes = {t.hf: int(np.prod(t.shape)) * dtype.itemsize for t in plan}
-    shards = safetensors_io.plan_shards(sizes, max_shard_bytes)
-    files = safetensors_io.shard_names(len(shards))
-    for file, names in zip(files, shards):
-        tensors = {}
-        for name in names:
-            t = by_name[name]
-            parts = [np.asarray(flat[path] if layer is None else flat[path][layer]) for path, layer in t.heft]
-            tensors[name] = np.ascontiguousarray(t.to_hf(*parts), dtype=dtype)
-        safetensors_io.write_shard(out_dir, file, tensors)
-        del tensors
-    written = list(files)
-    if len(files) > 1:
-        weight_map = {name: file for file, names in zip(files, shards) for name in names}
-        safetensors_io.write_index(out_dir, weight_map, sum(sizes.values()))
-        written.append(safetensors_io.INDEX)
-    bos, eos = tokenizer.special_ids(tokenizer_path)
-    paths.path(out_dir).joinpath("config.json").write_text(json.dumps(family.hf_config(m, dtype.name, bos, eos),
-                                                                      indent=2))
-    written.append("config.json")
-    if tokenizer_path:
-        written += tokenizer.write(tokenizer_path, out_dir)
+    from heft.train import storage
+
+    with storage.whole_or_removed(out_dir, ConvertError):
+        paths.path(out_dir).mkdir(parents=True, exist_ok=True)
+        dtype = jnp.dtype(dtype or m.param_dtype)
+        by_name = {t.hf: t for t in plan}
+        sizes = {t.hf: int(np.prod(t.shape)) * dtype.itemsize for t in plan}
+        shards = safetensors_io.plan_shards(sizes, max_shard_bytes)
+        files = safetensors_io.shard_names(len(shards))
+        for file, names in zip(files, shards):
+            tensors = {}
+            for name in names:
+                t = by_name[name]
+                parts = [np.asarray(flat[path] if layer is None else flat[path][layer]) for path, layer in t.heft]
+                tensors[name] = np.ascontiguousarray(t.to_hf(*parts), dtype=dtype)
+            safetensors_io.write_shard(out_dir, file, tensors)
+            del tensors
+        written = list(files)
+        if len(files) > 1:
+            weight_map = {name: file for file, names in zip(files, shards) for name in names}
+            safetensors_io.write_index(out_dir, weight_map, sum(sizes.values()))
+            written.append(safetensors_io.INDEX)
+        bos, eos = tokenizer.special_ids(tokenizer_path)
+        hf_config = family.hf_config(m, dtype.name, bos, eos)
+        paths.path(out_dir).joinpath("config.json").write_text(json.dumps(hf_config, indent=2))
+        written.append("config.json")
+        if tokenizer_path:
+            written += tokenizer.write(tokenizer_path, out_dir)
     return written

@@ -120,12 +120,14 @@ heft train --workdir={run} {args} > {out}/train.out 2>&1 || exit 3
 mount -t tmpfs -o size=200k tmpfs {mnt}
 heft export --checkpoint={run} --out={mnt}/params > {out}/export.out 2> {out}/export.err
 echo $? > {out}/export.rc
+heft convert --to_hf={run} --out={mnt}/hf > {out}/convert.out 2> {out}/convert.err
+echo $? > {out}/convert.rc
 ls -A {mnt} > {out}/left.txt
 """
 
 
 @pytest.mark.skipif(not _can_mount(), reason="needs unshare --user --mount (a private tmpfs)")
-def test_export_to_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
+def test_exports_to_a_full_disk_are_one_line_and_leave_nothing_half_written(tmp_path):
     mnt, out, run = tmp_path / "mnt", tmp_path / "out", tmp_path / "run"
     mnt.mkdir()
     out.mkdir()
@@ -136,5 +138,9 @@ def test_export_to_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_p
     err = (out / "export.err").read_text()
     assert int((out / "export.rc").read_text()) != 0
     assert err.strip() == (f"heft export: no space left on tmpfs (mounted at {mnt}) while writing {mnt}/params; "
+                           "removed the partial write; free some space or write elsewhere"), err[-3000:]
+    err = (out / "convert.err").read_text()
+    assert int((out / "convert.rc").read_text()) != 0
+    assert err.strip() == (f"heft convert: no space left on tmpfs (mounted at {mnt}) while writing {mnt}/hf; "
                            "removed the partial write; free some space or write elsewhere"), err[-3000:]
     assert (out / "left.txt").read_text() == ""

@@ -445,10 +445,8 @@ def save_params(directory: str, config, params: dict, tokenizer_path: str | None
     directory = storage.path(directory)
     if (directory / "params").exists() or (directory.exists() and not directory.is_dir()):
         raise CheckpointError(f"{directory} already exists and is not an empty directory; choose a new one")
-    existed = directory.exists()
-    before = {p.name for p in directory.iterdir()} if existed else set()
     quiet.failed_save_echoes()
-    try:
+    with storage.whole_or_removed(directory, CheckpointError, remover=jax.process_index() == 0):
         if jax.process_index() == 0:
             directory.mkdir(parents=True, exist_ok=True)
         with ocp.StandardCheckpointer() as ckptr:
@@ -460,18 +458,6 @@ def save_params(directory: str, config, params: dict, tokenizer_path: str | None
             extra[tokenizer_file(data)] = data
         all_facts = {"config": _config_dict(config), "code_version": manifest.code_version(), **facts}
         custody.seal(directory, all_facts, jax.process_index(), jax.process_count(), extra_files=extra)
-    except Exception as e:
-        # A half-written output would only block the next try ("already exists"): remove what this wrote.
-        if jax.process_index() == 0 and directory.exists():
-            for p in directory.iterdir():
-                if p.name not in before:
-                    p.rmtree(missing_ok=True) if p.is_dir() else p.unlink(missing_ok=True)
-            if not existed:
-                directory.rmtree(missing_ok=True)
-        if storage.no_space(e):
-            raise CheckpointError(f"no space left on {storage.device_of(directory)} while writing {directory}; "
-                                  "removed the partial write; free some space or write elsewhere") from None
-        raise
     hosts.barrier("params saved")
 
 

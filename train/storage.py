@@ -11,6 +11,7 @@ gcsfs is its gs:// backend), so local folders and buckets share one code path. T
   complete. What marks a larger thing complete is written last (see manifest.py).
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -61,6 +62,30 @@ def no_space(e: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+@contextlib.contextmanager
+def whole_or_removed(directory, error: type[Exception], remover: bool = True):
+    """Around a write of new entries into `directory` (an export, a conversion): if it fails, what it
+    added is removed, and `directory` too if it made it, since a half-written output would only block
+    the next try ("already exists"); a full disk becomes one line, `error`. Only one process (`remover`)
+    removes."""
+    directory = path(directory)
+    existed = directory.exists()
+    before = {p.name for p in directory.iterdir()} if existed else set()
+    try:
+        yield
+    except Exception as e:
+        if remover and directory.exists():
+            for p in directory.iterdir():
+                if p.name not in before:
+                    p.rmtree(missing_ok=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if not existed:
+                directory.rmtree(missing_ok=True)
+        if no_space(e):
+            raise error(f"no space left on {device_of(directory)} while writing {directory}; removed the "
+                        "partial write; free some space or write elsewhere") from None
+        raise
 
 
 def device_of(p) -> str:
