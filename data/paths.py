@@ -14,6 +14,7 @@ GCS facts that shape the callers:
   file is written in one go (`write_bytes`); what marks a larger thing complete is written last.
 """
 
+import errno
 import os
 import uuid
 
@@ -128,11 +129,15 @@ def write_bytes(target, data: bytes) -> None:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before it takes the name: a crash leaves old or new, never empty
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it takes the name: a crash leaves old or new, never empty
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk, say: the half-written copy is not left behind
+        raise
 
 
 def remove_tree(p) -> None:
@@ -147,3 +152,36 @@ def remove_tree(p) -> None:
 
 def remove_file(p) -> None:
     path(p).unlink(missing_ok=True)
+
+
+def no_space(e: BaseException) -> bool:
+    """Whether an error (or one it was raised from) says the storage is full."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e).lower()
+        if "no space left" in text or "disk quota exceeded" in text or "enospc" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def device_of(p) -> str:
+    """What to call the storage holding `p` in a message: `gs://bucket`, or the filesystem (device and
+    mount point) from /proc/mounts."""
+    p = str(p)
+    if "://" in p:
+        scheme, _, rest = p.partition("://")
+        return f"{scheme}://{rest.split('/')[0]}"
+    best = ("", "")
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                device, mount = line.split()[:2]
+                if (p == mount or p.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best[1]):
+                    best = (device, mount)
+    except OSError:
+        return os.path.dirname(p)
+    return f"{best[0]} (mounted at {best[1]})" if best[1] else os.path.dirname(p)

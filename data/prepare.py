@@ -17,6 +17,7 @@ every process use process 0's tokenizer.
 """
 
 import collections
+import contextlib
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -219,6 +220,18 @@ def _write_tokens(texts: Iterable[str], config, tok_bytes: bytes, store_path, to
     return writer, writer.num_tokens if heldout_start is None else heldout_start
 
 
+@contextlib.contextmanager
+def _full_disk_in_one_line(root):
+    try:
+        yield
+    except Exception as e:
+        if not paths.no_space(e):
+            raise
+        raise DataError(f"no space left on {paths.device_of(root)} while preparing the corpus's tokens in {root} "
+                        "(nothing half-written is left); free some space or set data.cache_dir to a larger disk"
+                        ) from None
+
+
 def prepare(config, *, progress: bool = True, tokenizer_path: str | None = None,
             tokenizer_bytes: bytes | None = None) -> Prepared:
     """Makes sure the tokenizer and token store of `config.data` exist; returns where they are.
@@ -230,6 +243,11 @@ def prepare(config, *, progress: bool = True, tokenizer_path: str | None = None,
     Idempotent: a second call over unchanged inputs lists the corpus files and returns.
     Raises DataError for input a user can fix (see corpus.py and tokenizer.py).
     """
+    with _full_disk_in_one_line(cache_dir(config.data.cache_dir)):
+        return _prepare(config, progress=progress, tokenizer_path=tokenizer_path, tokenizer_bytes=tokenizer_bytes)
+
+
+def _prepare(config, *, progress: bool, tokenizer_path: str | None, tokenizer_bytes: bytes | None) -> Prepared:
     start = time.perf_counter()
     d = config.data
     if d.tokenizer not in tokenizer.KINDS and not str(d.tokenizer).endswith((".json", ".model")):

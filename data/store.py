@@ -133,8 +133,12 @@ class Writer:
         """Writes the final EOS, then meta.json (the mark of completion); returns the store's meta."""
         self._pending.append(self._eos)
         self._pending_len += 1
-        self._flush(final=True)
-        self._tokens.resize(exclusive_max=[self._written], resize_metadata_only=True, shrink_only=True).result()
+        try:
+            self._flush(final=True)
+            self._tokens.resize(exclusive_max=[self._written], resize_metadata_only=True, shrink_only=True).result()
+        except BaseException:
+            self.abort()
+            raise
         meta = {**meta, "format": FORMAT, "array": self.array, "tokens": self._written}
         previous = read_meta(self.path)
         if previous is not None and _same_content(previous, meta):

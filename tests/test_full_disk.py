@@ -144,3 +144,31 @@ def test_exports_to_a_full_disk_are_one_line_and_leave_nothing_half_written(tmp_
     assert err.strip() == (f"heft convert: no space left on tmpfs (mounted at {mnt}) while writing {mnt}/hf; "
                            "removed the partial write; free some space or write elsewhere"), err[-3000:]
     assert (out / "left.txt").read_text() == ""
+
+
+PREPARE = """
+set -u
+mount -t tmpfs -o size={size} tmpfs {mnt}
+heft prepare --config=configs/tiny.py --config.data.cache_dir={mnt} > {out}/prepare.out 2> {out}/prepare.err
+echo $? > {out}/prepare.rc
+find {mnt} -type f -printf '%P\\n' | sort > {out}/left.txt
+"""
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs unshare --user --mount (a private tmpfs)")
+@pytest.mark.parametrize("size", ["60k", "200k"])  # the tokenizer does not fit; it fits but the tokens do not
+def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_partial_store(tmp_path, size):
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    mnt.mkdir()
+    out.mkdir()
+    script = PREPARE.format(mnt=mnt, out=out, size=size)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", script], timeout=600, check=True,
+                   cwd=root)
+    err = (out / "prepare.err").read_text()
+    assert int((out / "prepare.rc").read_text()) == 1 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"heft prepare: no space left on tmpfs (mounted at {mnt}) while preparing the corpus's tokens in {mnt} "
+        "(nothing half-written is left); free some space or set data.cache_dir to a larger disk"), err[-3000:]
+    left = (out / "left.txt").read_text().split()
+    assert all(f.startswith(("corpus/", "tokenizers/")) and "/." not in f for f in left), left  # whole files only

@@ -12,14 +12,13 @@ gcsfs is its gs:// backend), so local folders and buckets share one code path. T
 """
 
 import contextlib
-import errno
 import json
 import os
 
 from etils import epath
 
 from heft.data import paths as data_paths
-from heft.data.paths import write_bytes  # noqa: F401  (one way to write a small file, for both stages)
+from heft.data.paths import device_of, no_space, write_bytes  # noqa: F401  (shared with data/)
 
 
 def is_remote(p) -> bool:
@@ -50,20 +49,6 @@ def files_under(directory, skip=()) -> list[str]:
     return sorted(rel for rel in rels if rel.split("/")[0] not in skip)
 
 
-def no_space(e: BaseException) -> bool:
-    """Whether an error (or one it was raised from) says the storage is full."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(e).lower()
-        if "no space left" in text or "disk quota exceeded" in text or "enospc" in text:
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
 @contextlib.contextmanager
 def whole_or_removed(directory, error: type[Exception], remover: bool = True):
     """Around a write of new entries into `directory` (an export, a conversion): if it fails, what it
@@ -88,20 +73,3 @@ def whole_or_removed(directory, error: type[Exception], remover: bool = True):
         raise
 
 
-def device_of(p) -> str:
-    """What to call the storage holding `p` in a message: `gs://bucket`, or the filesystem (device and
-    mount point) from /proc/mounts."""
-    p = str(p)
-    if is_remote(p):
-        scheme, _, rest = p.partition("://")
-        return f"{scheme}://{rest.split('/')[0]}"
-    best = ("", "")
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                device, mount = line.split()[:2]
-                if (p == mount or p.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best[1]):
-                    best = (device, mount)
-    except OSError:
-        return os.path.dirname(p)
-    return f"{best[0]} (mounted at {best[1]})" if best[1] else os.path.dirname(p)
