@@ -414,7 +414,7 @@ class Checkpointer:
         try:
             custody.seal(self.step_dir(step), facts, 0, 1, extra_files=extra,
                          signing_key=self.config.checkpoint.get("signing_key") or None)
-        except OSError:
+        except Exception:  # still no room, say: the report stays the full disk's; the next start tries again
             return step
         self._retain(step)
         return None
