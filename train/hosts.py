@@ -48,3 +48,23 @@ def _gather(array_type, value_type):
     from jax.experimental import multihost_utils
 
     return lambda x: [value_type(v) for v in np.asarray(multihost_utils.process_allgather(array_type(x))).ravel()]
+
+
+class PeerLost(Exception):
+    """Another process of the run is gone (killed, its host down): a collective with it failed.
+
+    What the caller does: say so in one line and exit at once. Waiting is useless (nothing that needs
+    every process can finish) and JAX's own shutdown would wait for the lost process at a barrier
+    until its heartbeat timeout, then abort with a stack dump."""
+
+
+# How a collective with a process that has gone fails (gloo on CPU, NCCL on GPU, JAX's coordination
+# service anywhere); lower case.
+_LOST = ("gloo", "connection reset by peer", "connection closed by peer", "broken pipe", "socket closed",
+         "unhealthy", "stopped sending heartbeats", "nccl")
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether `e`, raised in a run of several processes, is a collective failing because one is gone."""
+    return (jax.process_count() > 1 and isinstance(e, jax.errors.JaxRuntimeError)
+            and any(s in str(e).lower() for s in _LOST))

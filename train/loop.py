@@ -256,6 +256,12 @@ def _train(config, workdir, mesh, stop_requested, held, compile_checked, trainee
     except Exception as e:
         if storage.no_space(e):
             raise ckpt.out_of_space(e, writer_path=getattr(writer, "path", None)) from None
+        if hosts.peer_lost(e):
+            sealed = ckpt.sealed_steps()
+            newest = f"step {sealed[-1]}" if sealed else "none yet"
+            raise hosts.PeerLost(f"lost another process of the run near step {step} ({str(e).splitlines()[0]}); "
+                                 f"the newest complete checkpoint is {newest}: start every process again with the "
+                                 "same command to resume from it") from None
         raise
     finally:
         loader.close()

@@ -47,7 +47,7 @@ def main(argv):
     import jax
 
     from heft.adapt import finetune
-    from heft.train import loop, preemption
+    from heft.train import hosts, loop, preemption
 
     try:
         # quantize.qat: the steps see the weights fake-quantized as heft quantize will write them.
@@ -55,6 +55,10 @@ def main(argv):
                                    bind=qat.binder(f.config))
     except loop.NonFiniteLoss as e:
         raise SystemExit(f"heft finetune: {e}") from None
+    except hosts.PeerLost as e:
+        from heft.launch.verbs.train import exit_now
+
+        exit_now("finetune", e)
     if jax.process_index() == 0:
         from heft.launch.verbs.train import report
 

@@ -43,7 +43,7 @@ def main(argv):
     import jax
 
     from heft.launch import plan
-    from heft.train import loop, preemption
+    from heft.train import hosts, loop, preemption
 
     stop = preemption.StopSignal(f.stop_after)
     try:
@@ -51,8 +51,21 @@ def main(argv):
         result = loop.train(f.config, f.workdir, stop_requested=stop, compile_checked=tpu.fit, predict_step=tpu.predict)
     except loop.NonFiniteLoss as e:
         raise SystemExit(f"heft train: {e}") from None
+    except hosts.PeerLost as e:
+        exit_now("train", e)
     if jax.process_index() == 0:
         report("train", f.workdir, result, summary_text)
+
+
+def exit_now(verb: str, error: Exception) -> None:
+    """One line and exit 1 at once, skipping JAX's shutdown: after another process is lost, it would wait
+    for that process at a barrier until the heartbeat timeout (100 s), then abort with a stack dump."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    print(f"heft {verb}: {error}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def report(verb: str, workdir: str, result: dict, summary) -> None:
