@@ -7,3 +7,8 @@ class DataError(ValueError):
     Raised before any slow work starts where possible, e.g.
     `data.corpus='/x' does not exist; pass a directory or glob of .txt/.jsonl/.parquet files`.
     """
+
+
+class PrepareStopped(Exception):
+    """A stop was asked for (SIGTERM, Ctrl-C) while the corpus was being tokenized: what was written
+    is removed, and a rerun prepares it again."""

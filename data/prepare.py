@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from heft.data import corpus, paths, store, tokenizer
-from heft.data.errors import DataError
+from heft.data.errors import DataError, PrepareStopped
 
 FORMAT = store.FORMAT  # part of every cache key: a new store format never meets an old cache
 KEEP_BYTES = 256 << 20  # a corpus up to this size is read once and held in memory while preparing
@@ -190,7 +190,7 @@ def _encoded(batches: Iterator[list[str]], model: bytes, workers: int) -> Iterat
 
 
 def _write_tokens(texts: Iterable[str], config, tok_bytes: bytes, store_path, total_bytes: int, progress: bool,
-                  heldout_document: int) -> tuple[store.Writer, int]:
+                  heldout_document: int, stop=lambda: False) -> tuple[store.Writer, int]:
     """Tokenizes every document in `data.workers` processes into a new store at store_path.
 
     Returns the writer (to be closed) and where document `heldout_document` (the held-out split's
@@ -212,6 +212,8 @@ def _write_tokens(texts: Iterable[str], config, tok_bytes: bytes, store_path, to
                     heldout_start = start
                 i += 1
             bar.update(sizes.popleft())
+            if stop():
+                raise PrepareStopped("stopped while tokenizing the corpus")
     except BaseException:
         writer.abort()
         raise
@@ -233,7 +235,7 @@ def _full_disk_in_one_line(root):
 
 
 def prepare(config, *, progress: bool = True, tokenizer_path: str | None = None,
-            tokenizer_bytes: bytes | None = None) -> Prepared:
+            tokenizer_bytes: bytes | None = None, stop=lambda: False) -> Prepared:
     """Makes sure the tokenizer and token store of `config.data` exist; returns where they are.
 
     With `tokenizer_path` (a checkpoint's sentencepiece model, local or gs://) or `tokenizer_bytes`
@@ -241,13 +243,17 @@ def prepare(config, *, progress: bool = True, tokenizer_path: str | None = None,
     of a newly trained one, e.g. to evaluate a checkpoint on another corpus.
 
     Idempotent: a second call over unchanged inputs lists the corpus files and returns.
-    Raises DataError for input a user can fix (see corpus.py and tokenizer.py).
+    Raises DataError for input a user can fix (see corpus.py and tokenizer.py), and PrepareStopped
+    once `stop()` turns True while the corpus is tokenized (checked after each batch; a tokenizer
+    being trained finishes first), after removing the store's partial array.
     """
     with _full_disk_in_one_line(cache_dir(config.data.cache_dir)):
-        return _prepare(config, progress=progress, tokenizer_path=tokenizer_path, tokenizer_bytes=tokenizer_bytes)
+        return _prepare(config, progress=progress, tokenizer_path=tokenizer_path, tokenizer_bytes=tokenizer_bytes,
+                        stop=stop)
 
 
-def _prepare(config, *, progress: bool, tokenizer_path: str | None, tokenizer_bytes: bytes | None) -> Prepared:
+def _prepare(config, *, progress: bool, tokenizer_path: str | None, tokenizer_bytes: bytes | None,
+             stop) -> Prepared:
     start = time.perf_counter()
     d = config.data
     if d.tokenizer not in tokenizer.KINDS and not str(d.tokenizer).endswith((".json", ".model")):
@@ -281,8 +287,10 @@ def _prepare(config, *, progress: bool, tokenizer_path: str | None, tokenizer_by
     tok_bytes = paths.read_bytes(tok_path)
     tok = tokenizer.from_bytes(tok_bytes)
     text_bytes = sum(s.text_bytes for s in sources)
+    if stop():
+        raise PrepareStopped("stopped before tokenizing the corpus")
     writer, heldout_start = _write_tokens(_documents(files, d.text_field, kept=kept), config, tok_bytes, store_path,
-                                          text_bytes, progress, heldout_document=n_docs - n_heldout)
+                                          text_bytes, progress, heldout_document=n_docs - n_heldout, stop=stop)
     num_tokens = writer.num_tokens + 1  # the final EOS that close() appends
     meta = {
         "corpus": d.corpus,

@@ -27,14 +27,16 @@ from heft.data.errors import DataError
 _MESSAGE_BYTES = 1024  # of an error message sent to every process
 
 
-def prepare_for_processes(config, tokenizer_path: str | None = None, *,
-                          progress: bool = True) -> "data_prepare.Prepared | pairs.Pairs":
+def prepare_for_processes(config, tokenizer_path: str | None = None, *, progress: bool = True,
+                          stop=lambda: False) -> "data_prepare.Prepared | pairs.Pairs":
     """`prepare(config)` on every process of a run, all with process 0's tokenizer; see the module docstring.
     Prompt/completion data (`data.format`) is packed in memory by each process instead (pairs.py).
 
     Args:
       config: the run's config (its `data` and `model.vocab`).
       tokenizer_path: a checkpoint's tokenizer to use instead of training one (read by process 0).
+      stop: asked while one process tokenizes (data_prepare.prepare); with several, JAX owns SIGTERM
+        and the processes only agree to stop at a training step, so it is not asked.
     Raises DataError on every process if any process failed, naming the process.
     """
     import jax
@@ -46,7 +48,8 @@ def prepare_for_processes(config, tokenizer_path: str | None = None, *,
     if form == "prompt_completion":  # every process packs the same examples with the same given tokenizer
         return (seq2seq.prepare if seq2seq.is_encoder_decoder(config) else pairs.prepare)(config, tokenizer_path)
     if jax.process_count() == 1:  # (an encoder-decoder reads text through span corruption: spans.py)
-        return spans.for_config(config, data_prepare.prepare(config, progress=progress, tokenizer_path=tokenizer_path))
+        return spans.for_config(config, data_prepare.prepare(config, progress=progress, tokenizer_path=tokenizer_path,
+                                                             stop=stop))
     me = jax.process_index()
 
     # 1. Process 0 prepares; the others wait in the broadcast for its tokenizer and store.

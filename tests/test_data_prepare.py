@@ -210,3 +210,37 @@ def test_a_document_start_other_than_eos_or_bos_is_one_clear_error(corpus_dir, t
     config.data.document_start = "pad"
     with pytest.raises(DataError, match=r"data.document_start='pad' is not one of \('eos', 'bos'\)"):
         prepare.prepare(config, progress=False)
+
+
+def test_sigterm_while_tokenizing_stops_in_one_line_and_leaves_no_partial_store(tmp_path):
+    """A preemption during `heft prepare` (or `heft train`'s data preparation) stops between batches and
+    removes the store's partial array, instead of running on past the grace period to a SIGKILL that
+    leaves it behind for good."""
+    import signal
+    import time
+
+    cache = tmp_path / "cache"
+    first = _heft("--config=configs/tiny.py", f"--config.data.cache_dir={cache}")
+    assert first.returncode == 0, first.stderr
+    (model,) = (cache / "tokenizers").glob("*.model")
+    big = tmp_path / "big"
+    big.mkdir()
+    rng = np.random.default_rng(0)
+    words = np.array("the king and queen walk in the garden while a ghost speaks of murder most foul".split())
+    for i in range(8):  # ~40 MB: seconds of tokenizing on two cores
+        (big / f"part{i}.txt").write_text("\n\n".join(" ".join(rng.choice(words, 60)) for _ in range(17000)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    before = sorted(str(p) for p in (cache / "tokens").glob("*/*"))  # the tiny corpus's store
+    proc = subprocess.Popen(["heft", "prepare", "--config=configs/tiny.py", f"--config.data.cache_dir={cache}",
+                             f"--config.data.corpus={big}", f"--config.data.tokenizer={model}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((cache / "tokens").glob("*/tokens-*"))) < 2:
+        time.sleep(0.05)
+    assert len(list((cache / "tokens").glob("*/tokens-*"))) == 2, "tokenizing never started"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, (out, err[-3000:])
+    assert err.strip().splitlines()[-1] == ("heft prepare: stopped while tokenizing the corpus (SIGTERM); nothing "
+                                            "half-written is left: run it again to prepare the corpus"), err[-3000:]
+    assert sorted(str(p) for p in (cache / "tokens").glob("*/*")) == before

@@ -34,6 +34,11 @@ class StopSignal:
     def _request(self, signum, frame) -> None:
         self.requested = True
 
+    def signalled(self) -> bool:
+        """Whether a signal has come, before any step (while the data is prepared). One process only:
+        with several, SIGTERM goes to JAX's notifier, which only answers at a step."""
+        return self.requested
+
     def __call__(self, step: int) -> bool:
         if self.distributed:
             from jax.experimental import multihost_utils
