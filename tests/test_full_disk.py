@@ -114,6 +114,31 @@ def test_a_step_whose_seal_lost_the_race_for_space_is_sealed_once_the_failed_sav
     assert manifest.verify(str(ckpt.step_dir(1)))["step"] == 1
 
 
+def test_a_committed_step_left_unsealed_is_named_as_what_a_restart_resumes_from(tmp_path, monkeypatch):
+    """What the one-line report of a lost process names (Checkpointer.newest_complete): a committed step
+    whose seal had not happened is what the next start seals and resumes from."""
+    from test_checkpoint import _config
+
+    from heft.train import checkpoint, compiled, custody, sharding
+
+    c = _config()
+    state = compiled.init_state(c, sharding.make_mesh(c))
+    ckpt = checkpoint.Checkpointer(str(tmp_path), c)
+    assert ckpt.newest_complete() == "none yet"
+    ckpt.save(1, state, {"consumed": 8})
+    ckpt.close()
+    assert checkpoint.Checkpointer(str(tmp_path), c).newest_complete() == "step 1"
+
+    def never(*args, **kwargs):
+        raise TimeoutError("the other processes never reported their hashes")
+
+    monkeypatch.setattr(custody, "seal", never)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), c)
+    ckpt.save(2, state, {"consumed": 16})
+    ckpt.wait()
+    assert ckpt.newest_complete() == "step 2 (saved; the next start seals it)"
+
+
 EXPORT = """
 set -u
 heft train --workdir={run} {args} > {out}/train.out 2>&1 || exit 3

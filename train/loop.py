@@ -17,6 +17,7 @@ import numpy as np
 
 from heft.data import loader as data_loader
 from heft.data import processes as data_processes
+from heft.data.errors import PrepareStopped
 from heft.train import checkpoint, checks, compiled, goodput, hosts, lock, metrics, peak, remat, sharding, size, storage
 
 
@@ -57,10 +58,10 @@ def pretraining() -> Trainee:
         train_step=compiled.train_step(config, mesh), eval_step=compiled.eval_step(config, mesh)), plain_step=True)
 
 
-def prepare_data(config, tokenizer_path=None):
+def prepare_data(config, tokenizer_path=None, stop=lambda: False):
     """The tokenizer and token store, the same on every process (data/processes.py); a progress bar
     only where someone watches a terminal."""
-    return data_processes.prepare_for_processes(config, tokenizer_path, progress=sys.stderr.isatty())
+    return data_processes.prepare_for_processes(config, tokenizer_path, progress=sys.stderr.isatty(), stop=stop)
 
 
 def make_loader(config, prepared):
@@ -142,12 +143,21 @@ def _train(config, workdir, mesh, stop_requested, held, compile_checked, trainee
         if resume.step >= t.steps:
             ckpt.close()
             return {"already_done": resume.step, "steps": t.steps}
-    prepared = prepare_data(config, trainee.tokenizer_path)
-    new_corpus = False
-    if resume is not None and ckpt.check_data(resume, prepared) == "retokenize":
-        new_corpus = resume.manifest.get("data", {}).get("corpus_sha256") != checkpoint.data_facts(prepared)["corpus_sha256"]
-        _note(f"heft: tokenizing {'the new corpus' if new_corpus else 'the corpus'} with the checkpoint's own tokenizer")
-        prepared = prepare_data(config, tokenizer_path=resume.tokenizer_path)
+    # A preemption while a large corpus is tokenized stops it there (its partial store removed) rather
+    # than after it, past the grace period; `stop_requested.signalled` where the caller's stop has one.
+    stop = getattr(stop_requested, "signalled", lambda: False)
+    try:
+        prepared = prepare_data(config, trainee.tokenizer_path, stop=stop)
+        new_corpus = False
+        if resume is not None and ckpt.check_data(resume, prepared) == "retokenize":
+            new_corpus = (resume.manifest.get("data", {}).get("corpus_sha256")
+                          != checkpoint.data_facts(prepared)["corpus_sha256"])
+            _note(f"heft: tokenizing {'the new corpus' if new_corpus else 'the corpus'} with the checkpoint's own "
+                  "tokenizer")
+            prepared = prepare_data(config, tokenizer_path=resume.tokenizer_path, stop=stop)
+    except PrepareStopped:
+        ckpt.close()
+        return {"stopped_preparing": resume.step if resume is not None else 0}
     ckpt.prepared = prepared
 
     # The checkpoint keeps remat=auto (what the user asked for); the step runs what auto chose.
@@ -257,8 +267,7 @@ def _train(config, workdir, mesh, stop_requested, held, compile_checked, trainee
         if storage.no_space(e):
             raise ckpt.out_of_space(e, writer_path=getattr(writer, "path", None)) from None
         if hosts.peer_lost(e):
-            sealed = ckpt.sealed_steps()
-            newest = f"step {sealed[-1]}" if sealed else "none yet"
+            newest = ckpt.newest_complete()
             raise hosts.PeerLost(f"lost another process of the run near step {step} ({str(e).splitlines()[0]}); "
                                  f"the newest complete checkpoint is {newest}: start every process again with the "
                                  "same command to resume from it") from None

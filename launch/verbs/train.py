@@ -77,6 +77,9 @@ def report(verb: str, workdir: str, result: dict, summary) -> None:
         print(f"heft {verb}: stopped at step {result['stopped_at']} with a checkpoint; rerun the same command to "
               "resume")
         print(goodput.text(result["goodput"]))
+    elif "stopped_preparing" in result:
+        print(f"heft {verb}: stopped while tokenizing the corpus, before step {result['stopped_preparing'] + 1}; "
+              "nothing half-written is left: rerun the same command to prepare it and train")
     elif "already_done" in result:
         print(f"heft {verb}: {workdir} is already done: its newest checkpoint is step {result['already_done']} "
               f"and train.steps={result['steps']}; raise train.steps to train further")
