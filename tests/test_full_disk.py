@@ -23,12 +23,19 @@ cp -r {mnt}/run {out}/run
 """
 
 
+PRIVATE_MOUNTS = ["unshare", "--user", "--map-root-user", "--mount"]  # a namespace where mount needs no root
+
+
 def _can_mount() -> bool:
     if shutil.which("unshare") is None:
         return False
-    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                        "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+    r = subprocess.run([*PRIVATE_MOUNTS, "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
     return r.returncode == 0
+
+
+def _in_private_mounts(script: str, **kwargs) -> subprocess.CompletedProcess:
+    """Runs a bash script that mounts its own small tmpfs."""
+    return subprocess.run([*PRIVATE_MOUNTS, "bash", "-c", script], timeout=600, **kwargs)
 
 
 @pytest.mark.skipif(not _can_mount(), reason="needs unshare --user --mount (a private tmpfs)")
@@ -38,7 +45,7 @@ def test_full_disk_stops_in_one_line_and_keeps_the_newest_complete_checkpoint(tm
     out.mkdir()
     args = " ".join(_overrides(tmp_path, steps=30, **{"train.checkpoint_every": 5, "train.eval_every": 1000}))
     script = SCRIPT.format(mnt=mnt, out=out, args=args)
-    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", script], timeout=600, check=True)
+    _in_private_mounts(script, check=True)
     rc, err = int((out / "train.rc").read_text()), (out / "train.err").read_text()
     assert rc != 0
     assert "Traceback" not in err, err[-3000:]
@@ -158,7 +165,7 @@ def test_exports_to_a_full_disk_are_one_line_and_leave_nothing_half_written(tmp_
     out.mkdir()
     args = " ".join(_overrides(tmp_path, steps=4, **{"train.checkpoint_every": 4, "train.eval_every": 1000}))
     script = EXPORT.format(mnt=mnt, out=out, run=run, args=args)
-    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", script], timeout=600)
+    r = _in_private_mounts(script)
     assert r.returncode == 0, (out / "train.out").read_text()[-3000:]
     err = (out / "export.err").read_text()
     assert int((out / "export.rc").read_text()) != 0
@@ -188,8 +195,7 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_partial_store(tmp_path
     out.mkdir()
     script = PREPARE.format(mnt=mnt, out=out, size=size)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", script], timeout=600, check=True,
-                   cwd=root)
+    _in_private_mounts(script, check=True, cwd=root)
     err = (out / "prepare.err").read_text()
     assert int((out / "prepare.rc").read_text()) == 1 and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == (

@@ -202,9 +202,7 @@ class Checkpointer:
         newest = max(sealed, default=None)
         plan = {"seal": None, "remove": [], "tmp": [p.name for p in tmp], "newest": newest}
         for step in sorted((s for s in steps if s not in sealed), reverse=True):
-            directory = self.step_dir(step)
-            if plan["seal"] is None and (newest is None or step > newest) and committed(directory) \
-                    and self._sealable(directory):
+            if plan["seal"] is None and (newest is None or step > newest) and self._sealable(step):
                 plan["seal"] = step
             else:
                 why = (f"older than sealed step {newest}; a deletion or a save was cut short"
@@ -221,10 +219,7 @@ class Checkpointer:
         newest = plan["newest"]
         if plan["seal"] is not None:
             step = plan["seal"]
-            directory = self.step_dir(step)
-            facts, extra = _seal_facts(read_facts(directory))
-            custody.seal(directory, facts, self.process_index, self.process_count, extra_files=extra,
-                         signing_key=self.config.checkpoint.get("signing_key") or None)
+            self._seal(step)
             self.note(f"heft: sealed step {step} in {self.directory}: its save had completed but the run "
                       "stopped before sealing it")
             newest = step
@@ -239,12 +234,21 @@ class Checkpointer:
                 self._retain(newest)
         hosts.barrier("checkpoints recovered")
 
-    def _sealable(self, directory) -> bool:
+    def _sealable(self, step: int) -> bool:
+        """Whether `step`'s save committed whole (orbax's mark, and the facts sealing needs)."""
+        if not committed(self.step_dir(step)):
+            return False
         try:
-            read_facts(directory)
+            read_facts(self.step_dir(step))
             return True
         except (OSError, ValueError):
             return False
+
+    def _seal(self, step: int) -> None:
+        """Seals a committed step from its saved facts (every process calls it: the seal is collective)."""
+        facts, extra = _seal_facts(read_facts(self.step_dir(step)))
+        custody.seal(self.step_dir(step), facts, self.process_index, self.process_count, extra_files=extra,
+                     signing_key=self.config.checkpoint.get("signing_key") or None)
 
     def _retain(self, newest: int) -> None:
         """After `newest` is sealed: keep the `checkpoint.keep` newest sealed steps and every
@@ -399,35 +403,26 @@ class Checkpointer:
             for p in self._listing()[1]:
                 p.rmtree(missing_ok=True)
 
-    def _seal_what_committed(self, steps: list[int]) -> int | None:
+    def _seal_what_committed(self, steps: list[int]) -> None:
         """After `abort` freed the failed save's space: seal the newest of `steps` that committed (its seal
         may have lost the race for space to the next save). One process seals it here; with several, the
-        seal is collective and they may not all be here, so it is left to the next start (`_recover`),
-        and that step is returned."""
-        done = [s for s in steps if committed(self.step_dir(s)) and self._sealable(self.step_dir(s))]
-        if not done:
-            return None
-        step = max(done)
-        if self.process_count > 1:
-            return step
-        facts, extra = _seal_facts(read_facts(self.step_dir(step)))
+        seal is collective and they may not all be here, so it is left to the next start (`_recover`)."""
+        done = [s for s in steps if self._sealable(s)]
+        if not done or self.process_count > 1:
+            return
         try:
-            custody.seal(self.step_dir(step), facts, 0, 1, extra_files=extra,
-                         signing_key=self.config.checkpoint.get("signing_key") or None)
+            self._seal(max(done))
         except Exception:  # still no room, say: the report stays the full disk's; the next start tries again
-            return step
-        self._retain(step)
-        return None
+            return
+        self._retain(max(done))
 
-    def newest_complete(self) -> str:
+    def newest_complete(self, if_none: str = "none yet") -> str:
         """The newest step a restart resumes from, for a message: sealed, or committed (the next start seals it)."""
         sealed = self.sealed_steps()
-        steps, _ = self._listing()
-        waiting = [s for s in steps if (not sealed or s > sealed[-1]) and committed(self.step_dir(s))
-                   and self._sealable(self.step_dir(s))]
+        waiting = [s for s in self._listing()[0] if (not sealed or s > sealed[-1]) and self._sealable(s)]
         if waiting:
             return f"step {max(waiting)} (saved; the next start seals it)"
-        return f"step {sealed[-1]}" if sealed else "none yet"
+        return f"step {sealed[-1]}" if sealed else if_none
 
     def out_of_space(self, error: BaseException, writer_path=None) -> CheckpointError:
         """The one-line error for a full disk, after `abort` (the newest sealed step stays intact)."""
@@ -436,12 +431,8 @@ class Checkpointer:
         # earlier one's seal only failed because it took the space)
         failed = min((s for s in unsealed if not committed(self.step_dir(s))), default=max(unsealed, default=None))
         self.abort()
-        pending = self._seal_what_committed(unsealed)
-        sealed = self.sealed_steps()
-        if pending is not None and (not sealed or pending > sealed[-1]):
-            newest = f"step {pending} (saved; the next start seals it)"
-        else:
-            newest = f"step {sealed[-1]}" if sealed else "none: no save completed"
+        self._seal_what_committed(unsealed)
+        newest = self.newest_complete(if_none="none: no save completed")
         what = f"saving step {failed}" if failed is not None else f"writing {writer_path or self.directory}"
         return CheckpointError(f"no space left on {storage.device_of(self.directory)} while {what}; "
                                f"the newest complete checkpoint is {newest}")
