@@ -17,12 +17,13 @@ import json
 import os
 
 import jax
-import optax
 from flax import nnx
 
 from heft.adapt import config as adapt_config
 from heft.adapt import trainable
-from heft.train import checkpoint, loop, manifest, optimizer, sharding, step
+from heft.model import build
+from heft.train import checkpoint, loop, manifest, optimizer, rules, sharding, step
+from heft.train import state as train_state
 from heft.train.manifest import CheckpointError
 
 
@@ -68,25 +69,19 @@ def shardings(run, mesh, abstract: dict) -> dict:
     names = trainable.names(run)
     wrapped = trainable.nested({p: nnx.Param(x, out_sharding=names[p], eager_sharding=False)
                                 for p, x in trainable.flat(abstract).items()})
-    return sharding.param_shardings(wrapped, mesh, run)
+    return rules.shardings(wrapped, mesh, run)
 
 
 def state_shardings(run, mesh, abstract: dict) -> dict:
     """Shardings of the fine-tune's train state: Adam's moments laid out like their weights."""
-    params = shardings(run, mesh, abstract)
-    tx = optimizer.make(run.train)
-    opt = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract), params,
-                                transform_non_params=lambda _: sharding.replicated(mesh))
-    return {"step": sharding.replicated(mesh), "params": params, "opt_state": opt}
+    return train_state.layout(shardings(run, mesh, abstract), abstract, optimizer.make(run.train), mesh)
 
 
 def init_state(run, base: dict) -> dict:
-    weights = trainable.init(run, base, run.train.seed)
-    return {"step": jax.numpy.zeros((), jax.numpy.int32), "params": weights,
-            "opt_state": optimizer.make(run.train).init(weights)}
+    return train_state.new(trainable.init(run, base, run.train.seed), optimizer.make(run.train))
 
 
-def train_step(run, state, base, batch, bind=step.bind):
+def train_step(run, state, base, batch, bind=build.bind):
     """`step.train_step` over the trainable weights: the loss sees the model they make with `base`
     (`bind` makes it: heft.quantize.qat's fake-quantizes it for quantization-aware training).
     (AdamW with train.*'s schedule; μP's per-parameter rates are pretraining's, not applied here.)"""
@@ -96,11 +91,11 @@ def train_step(run, state, base, batch, bind=step.bind):
     return step.train_step(run, state, batch, loss=loss, tx=optimizer.make(run.train))
 
 
-def eval_step(run, weights, base, batch, bind=step.bind):
+def eval_step(run, weights, base, batch, bind=build.bind):
     return step.loss_sums(run, trainable.params(run, weights, base), batch, bind=bind)
 
 
-def program(run, mesh, base_dir, bind=step.bind) -> loop.Program:
+def program(run, mesh, base_dir, bind=build.bind) -> loop.Program:
     """The fine-tune on `mesh`: the base read into its shards (verified), the state and the steps."""
     base = checkpoint.load_params(base_dir, mesh=mesh, verify=run.checkpoint.verify,
                                   config=adapt_config.base_view(run))[1]
@@ -109,7 +104,7 @@ def program(run, mesh, base_dir, bind=step.bind) -> loop.Program:
     state_sh = state_shardings(run, mesh, abstract)
     batch_sh = sharding.batch_sharding(run, mesh)
     shapes = jax.eval_shape(lambda b: init_state(run, b), base)
-    abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
+    abstract_state = sharding.placed(shapes, state_sh)
     init = jax.jit(functools.partial(init_state, run), in_shardings=(base_sh,), out_shardings=state_sh)
 
     def fresh_state():
@@ -137,7 +132,7 @@ def finetune(config, base: str, workdir: str, stop_requested=lambda step: False,
         raise CheckpointError(f"--base={base} holds no tokenizer; a fine-tune reads its data with the base's own "
                               "ids (import the model with its tokenizer, or train the base with heft train)")
     trainee = loop.Trainee(
-        make=lambda config, mesh: program(config, mesh, base_dir, bind or step.bind),
+        make=lambda config, mesh: program(config, mesh, base_dir, bind or build.bind),
         facts={"finetune": {"method": run.finetune.method, "base": identity, "trainable_params": weights}},
         check=functools.partial(_check_resume, run, identity), tokenizer_path=tokenizer)
     summary = loop.train(run, workdir, stop_requested, trainee=trainee)

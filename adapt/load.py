@@ -4,31 +4,19 @@ A fine-tune's checkpoint holds the weights it trained and its base's identity (f
 use it, the base is found where the manifest says, checked to be the very checkpoint it was
 trained on (its manifest digest), and read; the trained weights are read beside it, and the two
 make the model's parameters (`trainable.params`): LoRA folded into its projections, adapters, a
-prefix or a prompt put in place. `load_params` does this for a fine-tune and reads any other
-checkpoint as `heft.train.checkpoint.load_params` does, so a verb that takes either calls it.
+prefix or a prompt put in place. Importing this module registers that as the `finetune` kind of
+heft.train.checkpoint's one loader, so `checkpoint.load` reads a fine-tune like any checkpoint.
 
 `merge` writes that whole model as a parameters-only checkpoint (`checkpoint.save_params`): with
 LoRA or full fine-tuning it is a plain model of the base's architecture (so Hugging Face export
 works as usual); with adapters, a prefix or a prompt it keeps those pieces (heft reads it).
 """
 
-import json
-
 import jax
-import orbax.checkpoint as ocp
 
 from heft.adapt import config as adapt_config
 from heft.adapt import finetune, trainable
-from heft.train import checkpoint, custody, hosts, manifest, sharding
-
-
-def facts_of(directory) -> dict:
-    """The manifest of the checkpoint `directory` names (a workdir: its newest), seal checked."""
-    return manifest.read(checkpoint.resolve(directory))
-
-
-def is_finetune(directory) -> bool:
-    return "finetune" in facts_of(directory)
+from heft.train import checkpoint, manifest, sharding
 
 
 def base_of(facts: dict, where) -> str:
@@ -43,45 +31,34 @@ def base_of(facts: dict, where) -> str:
     return saved["path"]
 
 
-def load_params(directory, mesh=None, verify: bool = True, config=None):
-    """(config, params, tokenizer path or None) of any checkpoint; for a fine-tune, the whole model
-    its base and trained weights make, placed on `mesh` (default: `checkpoint.serving_mesh`).
-    `config` replaces the checkpoint's own (another mesh or batch size)."""
-    directory = checkpoint.resolve(directory)
-    facts = manifest.read(directory)
-    if "finetune" not in facts:
-        return checkpoint.load_params(directory, mesh=mesh, verify=verify, config=config)
-    base = base_of(facts, directory)
-    if verify:
-        custody.verify(directory, jax.process_index(), jax.process_count(), gather=hosts.gather_ints())
-    run = config if config is not None else checkpoint.config_from_json(json.dumps(facts["config"]))
-    mesh = mesh if mesh is not None else checkpoint.serving_mesh(run)
-    base_params = checkpoint.load_params(base, mesh=mesh, verify=verify, config=adapt_config.base_view(run))[1]
+def _load(directory, facts: dict, run, mesh, verify: bool) -> checkpoint.Loaded:
+    """Reads a fine-tune (already verified by `checkpoint.load`) as the whole model its base and trained
+    weights make, on `mesh`; `run` is the fine-tune's config."""
+    base = checkpoint.load(base_of(facts, directory), mesh=mesh, verify=verify, config=adapt_config.base_view(run),
+                           accept=(checkpoint.FLOAT,)).params
     abstract = trainable.abstract(run)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract,
-                          finetune.shardings(run, mesh, abstract))
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
-    with ocp.PyTreeCheckpointer() as reader:
-        state = reader.restore(directory / "state", args=ocp.args.PyTreeRestore(
-            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+    weights = checkpoint.read_params(directory, sharding.placed(abstract, finetune.shardings(run, mesh, abstract)))
     out = sharding.param_dict_shardings(run.model, mesh, run)
     with sharding.activated(mesh, run):
-        params = jax.jit(lambda w, b: trainable.params(run, w, b), out_shardings=out)(state["params"], base_params)
-    tokenizer = checkpoint.Resume(facts.get("step", 0), directory, facts).tokenizer_path
-    return run, params, tokenizer
+        params = jax.jit(lambda w, b: trainable.params(run, w, b), out_shardings=out)(weights, base)
+    return checkpoint.Loaded(run, params, checkpoint.tokenizer_in(directory, facts["files"]), directory, facts, KIND)
+
+
+KIND = "finetune"
+checkpoint.register(checkpoint.Kind(KIND, lambda facts, config: checkpoint.is_finetune(facts), _load))
 
 
 def merge(source: str, out: str) -> dict:
     """Writes the fine-tune `source` (a workdir or a step) as a whole parameters-only model at `out`;
     returns what was merged ({"method", "base", "step", "hooks"})."""
     directory = checkpoint.resolve(source)
-    facts = manifest.read(directory)
-    if "finetune" not in facts:
+    if not checkpoint.is_finetune(manifest.read(directory)):
         raise manifest.CheckpointError(f"{directory} is not a fine-tune (its manifest names no base); it is a whole "
                                        "model already: heft export writes its parameters alone")
-    run, params, tokenizer = load_params(directory)
+    loaded = checkpoint.load(directory, accept=(KIND,))
+    run, facts = loaded.config, loaded.facts
     hooks = {h: run.model[h] for h in adapt_config.HOOKS.values() if run.model[h]}
-    checkpoint.save_params(out, run, params, tokenizer, step=facts.get("step"),
+    checkpoint.save_params(out, run, loaded.params, loaded.tokenizer, step=facts.get("step"),
                            merged={"from": str(directory), **facts["finetune"]})
     return {"method": run.finetune.method, "base": facts["finetune"]["base"]["path"], "step": facts.get("step"),
             "hooks": hooks}

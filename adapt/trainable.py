@@ -10,7 +10,7 @@ The trainable weights are a nested dict beside the frozen base's (both in `init_
              `finetune.prefix_mlp`, instead an MLP that makes them (prefix_mlp.*), kept for training
     prompt   the model's prompt [prefix, embed]
 
-`params(run, trainable, base)` is the model's parameter dict for `decoder.bind(run.model, ...)`:
+`params(run, trainable, base)` is the model's parameter dict for `build.bind(run.model, ...)`:
 the base's, with the trained weights put in (or folded in, for LoRA). Under jit it is the step's
 view of the model; merged once, it is what `heft merge` saves. Only the trainable dict gets
 gradients and optimizer state; the base is read, never written.
@@ -30,7 +30,7 @@ from flax import nnx, traverse_util
 
 from heft.adapt import lora
 from heft.adapt.config import base_view
-from heft.model import checks, decoder
+from heft.model import checks, build
 from heft.model.checks import ConfigError
 
 PREFIX_MLP = "prefix_mlp"
@@ -50,7 +50,7 @@ def dotted(path: tuple) -> str:
 
 def model_names(m) -> dict[tuple, tuple]:
     """{parameter path: its logical axis names} of the model for config `m` (abstract: nothing allocated)."""
-    return {path: var.get_metadata()["out_sharding"] for path, var in nnx.to_flat_state(decoder.abstract(m)[1])}
+    return {path: var.get_metadata()["out_sharding"] for path, var in nnx.to_flat_state(build.abstract(m)[1])}
 
 
 def _full_paths(run, paths: list[tuple]) -> list[tuple]:
@@ -85,8 +85,8 @@ def _sample_tokens(key, run, n: int):
 def _prefix_of_tokens(run, base: dict, tokens):
     """The keys and values the base computes for `tokens` [p], each [depth, p, kv_heads, head_dim]."""
     m = base_view(run).model
-    cache = decoder.init_cache(m, 1, len(tokens), jnp.dtype(m.param_dtype))
-    _, (keys, values, _) = decoder.bind(m, base)(tokens[None], jnp.arange(len(tokens))[None], cache=cache)
+    cache = build.init_cache(m, 1, len(tokens), jnp.dtype(m.param_dtype))
+    _, (keys, values, _) = build.bind(m, base)(tokens[None], jnp.arange(len(tokens))[None], cache=cache)
     return keys[:, 0].astype(m.param_dtype), values[:, 0].astype(m.param_dtype)
 
 
@@ -108,7 +108,7 @@ def init(run, base: dict, seed: int) -> dict:
     # adapter, prefix, prompt: the hook's parameters as the model initializes them (under jit the
     # rest of the model's init is never computed), then the real-token inits.
     hooks = _hook_paths(run)
-    out = {p: v for p, v in flat(decoder.init_params(m, seed)).items() if p in hooks}
+    out = {p: v for p, v in flat(build.init_params(m, seed)).items() if p in hooks}
     if f.method == "prompt":
         out[("prompt",)] = base["embed"][_sample_tokens(key, run, f.prompt_length)].astype(m.param_dtype)
     if f.method == "prefix":
@@ -161,7 +161,7 @@ def names(run) -> dict[tuple, tuple]:
 
 
 def params(run, trainable: dict, base: dict, step=None) -> dict:
-    """The whole model's parameters (`decoder.bind(run.model, ...)`'s form) from the frozen base and
+    """The whole model's parameters (`build.bind(run.model, ...)`'s form) from the frozen base and
     the trained weights. `step` (training only) seeds LoRA's dropout."""
     f = run.finetune
     out = flat(base)
@@ -189,7 +189,7 @@ def params(run, trainable: dict, base: dict, step=None) -> dict:
 
 def abstract(run) -> dict:
     """The trainable weights as ShapeDtypeStructs (nested dict), from the abstract base: nothing allocated."""
-    base = decoder.abstract_params(base_view(run).model)
+    base = build.abstract_params(base_view(run).model)
     return jax.eval_shape(lambda b: init(run, b, 0), base)
 
 

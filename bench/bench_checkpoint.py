@@ -19,6 +19,7 @@ import numpy as np
 
 from heft.configs import base
 from heft.train import checkpoint, compiled, custody, sharding
+from heft.train import state as train_state
 
 
 def disk_write_mb_s(directory: str, mb: int = 512) -> float:
@@ -42,7 +43,7 @@ def state_of(width: int):
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.checkpoint.keep = 10
     mesh = sharding.make_mesh(c)
-    state = compiled.init_state(c, mesh)
+    state = train_state.init(c, mesh)
     keys = iter(jax.random.split(jax.random.key(0), 10000))
     state["opt_state"] = jax.tree.map(
         lambda x: jax.random.normal(next(keys), x.shape, x.dtype) if x.ndim else x, state["opt_state"])
@@ -100,7 +101,7 @@ def main():
         custody.verify(step_dir, i, 2, gather=lambda x: [x])
         times.append(time.perf_counter() - start)
 
-    abstract = compiled.abstract_state(c, mesh)
+    abstract = train_state.abstract(c, mesh)
     start = time.perf_counter()
     restored, _ = checkpoint.Checkpointer(a.dir, c).restore_latest(abstract)
     jax.block_until_ready(restored)

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from heft.train import compiled, sharding
+from heft.train import state as train_state
 
 
 def packed_batch(config, seed: int = 0) -> dict:
@@ -50,7 +51,7 @@ def main():
         with sharding.activated(mesh, c):
             fn = compiled.train_step(c, mesh)
             batch = jax.device_put(packed_batch(c), sharding.batch_sharding(c, mesh))
-            state = compiled.init_state(c, mesh)
+            state = train_state.init(c, mesh)
             state, _ = fn(state, batch)  # compile and warm up
             jax.block_until_ready(state)
         runs[mask] = {"config": c, "mesh": mesh, "fn": fn, "batch": batch, "state": state, "times": []}

@@ -29,7 +29,7 @@ from heft.adapt import finetune, load, trainable
 from heft.configs import milton, small
 from heft.data import processes
 from heft.eval.heldout import evaluate
-from heft.model import decoder
+from heft.model import build
 from heft.train import checkpoint, compiled, sharding
 
 
@@ -62,7 +62,7 @@ def small_base(tokenizer_of: str, out: str) -> str:
     tokenizer = checkpoint.load_params(tokenizer_of)[2]
     c.model.vocab = checkpoint.read_config(tokenizer_of).model.vocab
     mesh = checkpoint.serving_mesh(c)
-    params = jax.jit(lambda: decoder.init_params(c.model, 0),
+    params = jax.jit(lambda: build.init_params(c.model, 0),
                      out_shardings=sharding.param_dict_shardings(c.model, mesh, c))()
     checkpoint.save_params(out, c, params, tokenizer)
     return out
@@ -101,7 +101,8 @@ def main():
                "step_s": config.train.batch_size * config.train.seq_len / summary["tokens_per_s"],
                "tokens_per_s": summary["tokens_per_s"]}
         if a.shape == "base":
-            tuned_run, tuned, _ = load.load_params(workdir)
+            tuned = checkpoint.load(workdir)
+            tuned_run, tuned = tuned.config, tuned.params
             row.update(target_before=before, target_after=heldout(tuned_run, tuned, tokenizer),
                        source_after=heldout(tuned_run, tuned, tokenizer, base_run.data.corpus, "text"))
         rows.append(row)

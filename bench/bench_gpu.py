@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 
 from heft.configs import base
 from heft.train import chips, compiled, peak, sharding, size
+from heft.train import state as train_state
 
 
 def config(cpu: bool, attention: str, batch: int | None = None):
@@ -65,7 +66,7 @@ def train(c, steps: int, warmup: int, spec_peak: float | None, measured_peak: fl
     mesh = sharding.make_mesh(c, jax.local_devices()[:1])  # one device (a CPU with fake devices too)
     step = compiled.train_step(c, mesh)
     with sharding.activated(mesh, c):
-        state = compiled.init_state(c, mesh)
+        state = train_state.init(c, mesh)
         batch = synthetic_batch(c, mesh, 0)
         start = time.perf_counter()
         for _ in range(warmup):
@@ -105,7 +106,7 @@ def save_restore(c, state, mesh) -> dict:
         saved = time.perf_counter() - start
         nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
         start = time.perf_counter()
-        restored = checkpointer.restore(path, compiled.abstract_state(c, mesh))
+        restored = checkpointer.restore(path, train_state.abstract(c, mesh))
         jax.block_until_ready(restored)
         loaded = time.perf_counter() - start
         equal = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)))

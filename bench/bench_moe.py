@@ -23,6 +23,7 @@ import numpy as np
 
 from heft.configs import tiny, tiny_moe
 from heft.train import compiled, loop, sharding
+from heft.train import state as train_state
 
 
 def configs(steps: int) -> dict:
@@ -63,7 +64,7 @@ def timing(runs: dict, rounds: int, steps: int) -> None:
         with sharding.activated(mesh, c):
             fn = compiled.train_step(c, mesh)
             b = jax.device_put(batch(c), sharding.batch_sharding(c, mesh))
-            state = compiled.init_state(c, mesh)
+            state = train_state.init(c, mesh)
             state, _ = fn(state, b)  # compile and warm up
             jax.block_until_ready(state)
         prepared[name] = {"config": c, "mesh": mesh, "fn": fn, "batch": b, "state": state, "times": []}

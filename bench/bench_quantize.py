@@ -30,7 +30,7 @@ import numpy as np
 from heft.data import processes
 from heft.eval import heldout
 from heft.eval.generate import generate
-from heft.model.decoder import bind as bind_float
+from heft.model.build import bind as bind_float
 from heft.quantize import checkpoint as qcheckpoint
 from heft.quantize import model as qmodel
 from heft.quantize import rules

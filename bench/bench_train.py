@@ -29,6 +29,7 @@ import numpy as np
 
 from heft.configs import base
 from heft.train import compiled, peak, remat, sharding, size
+from heft.train import state as train_state
 
 BATCH, LENGTH = 8, 256
 
@@ -60,9 +61,9 @@ def run(c, steps: int, profile: str | None) -> dict:
     else:
         choose_s = 0.0
     with sharding.activated(mesh, c):
-        state = compiled.init_state(c, mesh)
+        state = train_state.init(c, mesh)
         start = time.perf_counter()
-        fn = compiled.train_step(c, mesh).lower(compiled.abstract_state(c, mesh),
+        fn = compiled.train_step(c, mesh).lower(train_state.abstract(c, mesh),
                                                 compiled.abstract_batch(c, mesh)).compile()
         compile_s = time.perf_counter() - start
         batch = jax.device_put(synthetic_batch(c.model.vocab), sharding.batch_sharding(c, mesh))

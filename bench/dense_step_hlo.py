@@ -16,6 +16,7 @@ import numpy as np
 
 from heft.configs import tiny
 from heft.train import compiled, sharding
+from heft.train import state as train_state
 
 SOURCE_TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
 
@@ -25,7 +26,7 @@ def step_text(config) -> str:
     B, T = config.train.batch_size, config.train.seq_len
     batch = {name: np.zeros((B, T), np.int32) for name in ("inputs", "targets", "positions", "segment_ids")}
     batch["weights"] = np.ones((B, T), np.float32)
-    state = compiled.abstract_state(config, mesh)
+    state = train_state.abstract(config, mesh)
     with sharding.activated(mesh, config):
         lowered = compiled.train_step(config, mesh).lower(state, jax.device_put(batch, sharding.batch_sharding(config, mesh)))
         return lowered.compile().as_text()

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 from heft.convert import gpt2, llama, mixtral, paths, safetensors_io, t5, tokenizer
 from heft.convert.errors import ConvertError
 from heft.model.checks import check_model, sparse
-from heft.model.decoder import abstract
+from heft.model.build import abstract
 
 FAMILIES = {family.MODEL_TYPE: family for family in (llama, gpt2, t5, mixtral)}
 
@@ -170,7 +170,7 @@ def _slot_writer(sharding):
 def import_hf(hf_dir: str, mesh=None, config_overrides: dict | None = None):
     """Reads a Hugging Face Llama, GPT-2 or Mixtral folder (config.json + safetensors) into heft.
 
-    mesh: place each parameter into the shards `heft.train.sharding.param_shardings` gives on it;
+    mesh: place each parameter into the shards `heft.train.rules.shardings` gives on it;
       None puts everything on the first device.
     config_overrides: dotted config fields to set, e.g. {"model.param_dtype": "bfloat16"}
       (parameters are float32 by default: bfloat16 weights widen exactly).
@@ -193,9 +193,9 @@ def import_hf(hf_dir: str, mesh=None, config_overrides: dict | None = None):
         if mesh is None:
             shardings = {path: SingleDeviceSharding(jax.devices()[0]) for path in expected}
         else:
-            from heft.train.sharding import param_shardings
+            from heft.train import rules
 
-            shardings = _flat(nnx.to_pure_dict(param_shardings(abstract, mesh, config)))
+            shardings = _flat(nnx.to_pure_dict(rules.shardings(abstract, mesh, config)))
         dtype = jnp.dtype(m.param_dtype)
         arrays = {}
         # File by file, each read once and in order (from a bucket: one shard at a time on local disk).

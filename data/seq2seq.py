@@ -47,20 +47,6 @@ def target_len(config, span_targets: int | None = None) -> int:
     return span_targets if span_targets is not None else int(config.train.seq_len)
 
 
-def row_lengths(config, seq_len: int | None = None) -> dict[str, int]:
-    """Each batch key's row length: seq_len (default train.seq_len) for the encoder's, `target_len`
-    for the decoder's (for text, the span corruption's own targets unless train.target_len is set)."""
-    from heft.data import spans  # spans.py builds on this module
-
-    seq_len = int(seq_len or config.train.seq_len)
-    d = config.data
-    span_targets = None
-    if d.get("format", "text") == "text":
-        span_targets = spans.lengths(seq_len, d.get("noise_density", 0.15), d.get("mean_noise_span", 3.0))[1]
-    n = target_len(config, span_targets)
-    return {k: seq_len if k in ENCODER_KEYS else n for k in KEYS}
-
-
 def encoder_tokens(ids: list[int], eos_id: int) -> list[int]:
     """An input as the encoder reads it: its tokens, then EOS (T5's format; `heft generate` too)."""
     return list(ids) + [eos_id]

@@ -34,9 +34,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from heft.eval import generate as generation
+from heft.model.build import bind as bind_float
 from heft.model.checks import ConfigError
-from heft.model.decoder import bind as bind_float
-from heft.train import sharding, storage
+from heft.train import checks, sharding, storage
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 MIN_LENGTH = 16  # the shortest padded row length
@@ -73,7 +73,7 @@ class HeftLM(TemplateLM):
         self.m = config.model
         self.bind = bind or bind_float
         self.max_length = int(max_length or self.m.max_len)
-        rows = int(np.prod([mesh.shape[a] for a in _axes(sharding.spec(("batch",), config)[0])]))
+        rows = checks.batch_devices(config, mesh.shape)
         self.batch_size = -(-int(batch_size) // rows) * rows
         start = config.data.get("document_start", "eos")
         self.start_id = tokenizer.bos_id if start == "bos" else tokenizer.eos_id
@@ -176,11 +176,6 @@ class HeftLM(TemplateLM):
                         out[i] = text[: min(cuts)] if cuts else text
         return out
 
-
-def _axes(entry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 # Running tasks, and where their results go.

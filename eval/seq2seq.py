@@ -22,7 +22,7 @@ from heft.eval.generate import (CACHE_MULTIPLE, check_sampling, check_tokens, pa
                                 padded_lengths, sample)
 from heft.model import precision
 from heft.model.checks import ConfigError
-from heft.model.decoder import init_cache
+from heft.model.build import init_cache
 
 
 def check_request(m, prompts: list[list[int]], max_new_tokens: int) -> None:

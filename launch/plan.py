@@ -42,10 +42,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
-from heft.launch import collectives, costs, kernels, topology
+from heft.launch import collectives, costs, pallas_flops, topology
 from heft.model import kernels as kernel_choice
 from heft.model.checks import ConfigError
 from heft.train import checks, chips, compiled, remat, sharding, size
+from heft.train import state as train_state
 
 
 @dataclasses.dataclass
@@ -185,7 +186,7 @@ def _shard_bytes(tree) -> int:
 
 def state_bytes(config, mesh) -> tuple[int, int]:
     """(parameter, optimizer-state) bytes per device, from the shardings alone: nothing compiled."""
-    state = compiled.abstract_state(config, mesh)
+    state = train_state.abstract(config, mesh)
     return _shard_bytes(state["params"]), _shard_bytes(state["opt_state"])
 
 
@@ -253,7 +254,7 @@ def fit_check(config, mesh, topology_name: str | None = None) -> Plan:
     # Shardings are built outside the mesh context: optax's state initialisation runs eagerly there
     # and would try to execute on the (abstract) devices of the active mesh.
     step = compiled.train_step(config, mesh)
-    state, batch = compiled.abstract_state(config, mesh), compiled.abstract_batch(config, mesh)
+    state, batch = train_state.abstract(config, mesh), compiled.abstract_batch(config, mesh)
     params, optimizer = _shard_bytes(state["params"]), _shard_bytes(state["opt_state"])
     common = dict(
         config=config.name, topology=topology_name or f"{n}x {device.device_kind}", chip=chip.name, chips=n,
@@ -287,14 +288,14 @@ def fit_check(config, mesh, topology_name: str | None = None) -> Plan:
     link = chip.ici_link_bandwidth
     kernel = {r.name: 0.0 for r in cost.regions}
     for kern in cost.kernels:
-        kernel[kern.region] = kernel.get(kern.region, 0.0) + kernels.flops(kern)
+        kernel[kern.region] = kernel.get(kern.region, 0.0) + pallas_flops.flops(kern)
     ici = collectives.by_region(cost.collectives, coords, link)
     rate = chip.peak_flops * chip.mxu_efficiency
     regions = [{"name": r.name, "trips": r.trips, "compute": (r.flops + kernel.get(r.name, 0.0)) / rate,
                 "hbm": r.bytes / chip.hbm_bandwidth, "ici": ici.get(r.name, 0.0),
                 "dcn": (cost.dcn_regions.get(r.name, 0.0) * ring / chip.dcn_bandwidth
                         if chip.dcn_bandwidth and k > 1 else 0.0)} for r in cost.regions]
-    kernel_flops = math.fsum(kernels.flops(kern) * kern.trips for kern in cost.kernels)
+    kernel_flops = math.fsum(pallas_flops.flops(kern) * kern.trips for kern in cost.kernels)
     return Plan(**common, temporaries=mem.temp_size_in_bytes, total=total, hbm=usable_hbm(device, chip),
                 flops=cost.flops + kernel_flops, bytes_accessed=cost.bytes_accessed, compile_seconds=seconds,
                 uncounted_loops=cost.uncounted_loops, dcn_bytes=dcn, kernel_flops=kernel_flops,

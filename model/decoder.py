@@ -187,39 +187,3 @@ def init_cache(m, batch: int, cache_len: int, dtype=jnp.float32):
     """An empty KV cache: per layer keys/values [depth, batch, cache_len, kv_heads, head_dim]."""
     shape = (m.depth, batch, cache_len, m.kv_heads, checks.head_dim(m))
     return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((m.depth, batch), jnp.int32))
-
-
-def model_class(m):
-    """What config `m` builds: this Decoder, or for `model.family=encoder_decoder` the T5-style
-    EncoderDecoder (model/encoder_decoder.py, which builds on this module, so it is imported here)."""
-    if checks.family(m) == "encoder_decoder":
-        from heft.model.encoder_decoder import EncoderDecoder
-
-        return EncoderDecoder
-    return Decoder
-
-
-def abstract(m):
-    """(graphdef, abstract state) of the model for config `m`: shapes only, nothing allocated.
-
-    The one place the abstract model is built; every shape question (sizes, shardings, restores,
-    conversion) starts here.
-    """
-    return nnx.split(nnx.eval_shape(lambda: model_class(m)(m, nnx.Rngs(0))))
-
-
-def abstract_params(m) -> dict:
-    """The parameters as a nested dict of ShapeDtypeStructs: `init_params`' form, nothing allocated."""
-    return nnx.to_pure_dict(nnx.filter_state(abstract(m)[1], nnx.Param))
-
-
-def init_params(m, seed: int) -> dict:
-    """Freshly initialized parameters as a nested dict of arrays (the form train/ and orbax keep)."""
-    return nnx.to_pure_dict(nnx.state(model_class(m)(m, nnx.Rngs(seed)), nnx.Param))
-
-
-def bind(m, params: dict) -> Decoder:
-    """The model for config `m` holding `params` (a nested dict of arrays); cheap under jit."""
-    graphdef, state = abstract(m)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)

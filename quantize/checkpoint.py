@@ -1,9 +1,12 @@
-"""Quantized checkpoints: parameters-only checkpoints (train/checkpoint.py's `save_params`, sealed
+"""Quantized checkpoints: parameters-only checkpoints (train/checkpoint/params.py's `save_params`, sealed
 with a manifest like any other) whose config's `quantize` section says what the arrays are.
 
 int8 values are stored as they are. int4 values are packed two to a byte before saving — orbax
 would give each its own byte — along the last axis: byte j of a row holds values 2j (low nibble)
 and 2j + 1 (high nibble), the row padded with a zero to an even length. Scales keep their dtype.
+
+Importing this module registers the `quantized` kind with heft.train.checkpoint's one loader:
+`checkpoint.load` then reads a quantized checkpoint like any other, with the `bind` that runs it.
 """
 
 import jax
@@ -11,6 +14,7 @@ import jax.numpy as jnp
 
 from heft.quantize import model, rules
 from heft.train import checkpoint, sharding
+from heft.train import rules as mesh_rules
 
 
 def _is_int4(x) -> bool:
@@ -43,7 +47,7 @@ def _stored_abstract(config, mesh) -> dict:
     def one(x, sh):
         if _is_int4(x):
             shape = packed_shape(x.shape)
-            return jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=model.fitted(shape, sh.spec, mesh))
+            return jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=mesh_rules.fitted(shape, sh.spec, mesh))
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
 
     return jax.tree.map(one, model.abstract_params(config), shardings)
@@ -67,24 +71,15 @@ def save(directory: str, config, qparams: dict, tokenizer_path: str | None = Non
     checkpoint.save_params(directory, config, packed, tokenizer_path, quantized=rules.describe(config), **facts)
 
 
-def load(directory, mesh=None, verify: bool = True, config=None):
-    """(config, quantized params, tokenizer path or None) of a quantized checkpoint, placed on `mesh`
-    (default: the serving mesh); `config` as in `checkpoint.load_params`."""
-    config, packed, tokenizer = checkpoint.load_params(directory, mesh, verify, config, target=_stored_abstract)
-    mesh = jax.tree.leaves(packed)[0].sharding.mesh
-    abstract = model.abstract_params(config)
+def _load(directory, facts: dict, config, mesh, verify: bool) -> checkpoint.Loaded:
+    """Reads a quantized checkpoint (already verified by `checkpoint.load`): int4 values unpacked, each
+    array in `model.shardings`; the model it binds runs on the integers and scales."""
+    packed = checkpoint.read_params(directory, _stored_abstract(config, mesh))
     with sharding.activated(mesh, config):
-        qparams = _convert(packed, model.shardings(config, mesh), None, abstract)
-    return config, qparams, tokenizer
+        qparams = _convert(packed, model.shardings(config, mesh), None, model.abstract_params(config))
+    return checkpoint.Loaded(config, qparams, checkpoint.tokenizer_in(directory, facts["files"]), directory, facts,
+                             KIND, bind=model.binder(config))
 
 
-def load_any(directory, mesh=None, verify: bool = True, config=None):
-    """(config, params, tokenizer path or None, binder) of any checkpoint, float or quantized:
-    `binder(config.model, params)` is the model to call."""
-    resolved = checkpoint.resolve(directory)
-    saved = config if config is not None else checkpoint.read_config(resolved)
-    if rules.is_quantized(saved):
-        config, params, tokenizer = load(resolved, mesh, verify, config)
-    else:
-        config, params, tokenizer = checkpoint.load_params(resolved, mesh, verify, config)
-    return config, params, tokenizer, model.binder(config)
+KIND = "quantized"
+checkpoint.register(checkpoint.Kind(KIND, lambda facts, config: rules.is_quantized(config), _load))

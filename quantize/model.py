@@ -1,24 +1,23 @@
-"""The quantized decoder: qwix's post-training quantization of heft's Decoder, its parameters and
-their shardings.
+"""The quantized model: qwix's post-training quantization of a heft model (built through
+heft.model.build), its parameters and their shardings.
 
 qwix intercepts the decoder's matmuls (`jnp.einsum`, and `jnp.asarray` of their weights) while it
 runs once: each weight a rule matches is replaced by `{array: {qvalue, scale}}` (integers and
 float scales). Quantizing runs that pass on the real weights, inside the layer scan, so each
 layer's scales are its own; restoring builds the same structure abstractly (`abstract`) and fills
-it with stored values. Either way the model that comes out is called like a Decoder.
+it with stored values. Either way the model that comes out is called like the float one.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from heft.model.checks import ConfigError
-from heft.model.decoder import Decoder, bind as bind_float
+from heft.model import build
 from heft.quantize import rules
+from heft.train import rules as mesh_rules
 from heft.train import sharding
 
 SAMPLE_SHAPE = (1, 1)  # the tokens qwix's one pass runs on: any will do, the weights are what it converts
@@ -37,7 +36,7 @@ def _sample():
     return jnp.zeros(SAMPLE_SHAPE, jnp.int32)
 
 
-def quantize_module(config, model: Decoder):
+def quantize_module(config, model: nnx.Module):
     """`model` with its matched weights converted to integers and scales (qwix PTQ); not in place."""
     q = qwix()
     return q.quantize_model(model, q.PtqProvider(rules.qwix_rules(config)), _sample())
@@ -48,7 +47,7 @@ def _abstract(config_json: str):
     from heft.train.checkpoint import config_from_json
 
     config = config_from_json(config_json)
-    return nnx.split(nnx.eval_shape(lambda: quantize_module(config, Decoder(config.model, nnx.Rngs(0)))))
+    return nnx.split(nnx.eval_shape(lambda: quantize_module(config, build.create(config.model))))
 
 
 def abstract(config):
@@ -68,23 +67,7 @@ def shardings(config, mesh) -> dict:
     """NamedShardings of the quantized parameters: each axis by the rules table, like the float
     weight it came from, except where its size does not divide its mesh axes (a scale's few
     groups, a packed last axis): that axis is then whole on every device."""
-    _, state = abstract(config)
-
-    def one(var):
-        names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
-        return fitted(var.shape, sharding.spec(names, config), mesh)
-
-    return nnx.to_pure_dict(jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
-
-
-def fitted(shape, spec, mesh) -> NamedSharding:
-    """`spec` for an array of `shape`, with the mesh axes of every dimension they do not divide dropped."""
-    entries = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
-    kept = []
-    for dim, axes in zip(shape, entries):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        kept.append(axes if dim % math.prod(mesh.shape[a] for a in names) == 0 else None)
-    return NamedSharding(mesh, PartitionSpec(*kept))
+    return nnx.to_pure_dict(mesh_rules.shardings(abstract(config)[1], mesh, config, fit=True))
 
 
 def quantize(config, params: dict, mesh) -> dict:
@@ -96,14 +79,14 @@ def quantize(config, params: dict, mesh) -> dict:
 
     @functools.partial(jax.jit, out_shardings=out)
     def run(params):
-        return nnx.to_pure_dict(nnx.state(quantize_module(config, bind_float(config.model, params))))
+        return nnx.to_pure_dict(nnx.state(quantize_module(config, build.bind(config.model, params))))
 
     with sharding.activated(mesh, config):
         return run(params)
 
 
 def bind(config, qparams: dict):
-    """The quantized model holding `qparams`; called like a Decoder (cheap under jit)."""
+    """The quantized model holding `qparams`; called like the float one (cheap under jit)."""
     graphdef, state = abstract(config)
     state = jax.tree.map(lambda x: x, state)  # a copy: the cached abstract state stays abstract
     nnx.replace_by_pure_dict(state, qparams)
@@ -114,5 +97,5 @@ def binder(config):
     """`(model config, params) -> model` for this checkpoint's config: the float decoder's `bind`, or
     the quantized one's when the config says its parameters are integers."""
     if not rules.is_quantized(config):
-        return bind_float
+        return build.bind
     return lambda m, params: bind(config, params)

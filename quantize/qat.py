@@ -6,7 +6,7 @@ integers, which then lose less than a model trained without seeing them.
 """
 
 from heft.model.checks import ConfigError
-from heft.model.decoder import bind as bind_float
+from heft.model.build import bind as bind_float
 from heft.quantize import model, rules
 
 

@@ -14,7 +14,7 @@ from heft.configs import llama2_7b, tiny
 from heft.data import pairs
 from heft.data.errors import DataError
 from heft.eval.generate import full_forward_generate, generate
-from heft.model import decoder
+from heft.model import build
 from heft.model.checks import ConfigError
 
 
@@ -71,7 +71,7 @@ def test_lora_fold_equals_the_low_rank_branch_computed_in_numpy():
 def test_lora_dropout_draws_one_mask_per_step_and_is_off_in_evaluation():
     run = _run(tiny, "lora", lora_dropout=0.5)  # alpha 16: with A and B all ones, A @ B adds alpha to W
     ones = lambda tree: jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), tree)
-    base, weights = ones(decoder.abstract_params(run.model)), ones(trainable.abstract(run))
+    base, weights = ones(build.abstract_params(run.model)), ones(trainable.abstract(run))
     q = lambda step: np.asarray(trainable.params(run, weights, base, step)["blocks"]["attention"]["q"])
     np.testing.assert_array_equal(q(None), 17.0)  # evaluation: 1 + 16, no dropout
     assert set(np.unique(q(3))) == {1.0, 33.0}  # an input row of A dropped adds 0, a kept one 16 / (1 - 0.5)
@@ -91,10 +91,10 @@ def _small(method, **fields):
 def test_step_zero_logits_equal_the_base_exactly(method):
     run = _small(method, lora_targets="q|k|v|o|gate|up|down|readout")
     base_m = adapt_config.base_view(run).model
-    base = decoder.init_params(base_m, 0)
+    base = build.init_params(base_m, 0)
     tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, 256)
-    want = jax.jit(lambda b: decoder.bind(base_m, b)(tokens))(base)
-    got = jax.jit(lambda b: decoder.bind(run.model, trainable.params(run, trainable.init(run, b, 0), b))(tokens))(base)
+    want = jax.jit(lambda b: build.bind(base_m, b)(tokens))(base)
+    got = jax.jit(lambda b: build.bind(run.model, trainable.params(run, trainable.init(run, b, 0), b))(tokens))(base)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -102,23 +102,23 @@ def test_prompt_tuning_equals_prepending_the_prompt_to_the_sequence():
     """Reference: the plain model with p extra vocabulary rows holding the prompt, fed those ids first."""
     run = _small("prompt", prompt_length=3)
     run.model.document_mask = False
-    params = decoder.init_params(run.model, 0)
+    params = build.init_params(run.model, 0)
     prompt = params.pop("prompt")
     plain = run.model.copy_and_resolve_references()
     plain.prompt_length, plain.vocab = 0, 256 + 3
     wide = dict(params, embed=jnp.concatenate([params["embed"], prompt]),
                 readout=jnp.pad(params["readout"], ((0, 0), (0, 3))))
     tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, 256)
-    with_prompt = decoder.bind(run.model, dict(params, prompt=prompt))(tokens)
-    prepended = decoder.bind(plain, wide)(jnp.concatenate([jnp.broadcast_to(256 + jnp.arange(3), (2, 3)), tokens], 1))
+    with_prompt = build.bind(run.model, dict(params, prompt=prompt))(tokens)
+    prepended = build.bind(plain, wide)(jnp.concatenate([jnp.broadcast_to(256 + jnp.arange(3), (2, 3)), tokens], 1))
     np.testing.assert_allclose(np.asarray(with_prompt), np.asarray(prepended[:, 3:, :256]), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt"])  # the two that change attention
 def test_decoding_with_the_kv_cache_matches_full_forwards(method):
     run = _small(method, prefix_length=4, prompt_length=4, adapter_width=8)
-    params = decoder.init_params(run.model, 3)
-    model = decoder.bind(run.model, params)
+    params = build.init_params(run.model, 3)
+    model = build.bind(run.model, params)
     prompts = [[3, 17, 45, 90], [3, 8]]
     assert generate(model, prompts, 6) == full_forward_generate(model, prompts, 6)
 

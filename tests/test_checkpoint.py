@@ -11,6 +11,7 @@ import pytest
 
 from heft.configs import tiny
 from heft.train import checkpoint, compiled, manifest, sharding
+from heft.train import state as train_state
 
 
 def _config(data=8, fsdp=1, tensor=1):
@@ -24,7 +25,7 @@ def _config(data=8, fsdp=1, tensor=1):
 def _saved(tmp_path, steps=(1,)):
     c = _config()
     mesh = sharding.make_mesh(c)
-    state = compiled.init_state(c, mesh)
+    state = train_state.init(c, mesh)
     # Adam's moments as after training (zeros would compress to nothing and flatter the sizes).
     key = iter(jax.random.split(jax.random.key(0), 1000))
     state["opt_state"] = jax.tree.map(
@@ -45,7 +46,7 @@ def test_saved_checkpoint_verifies_and_restores_onto_smaller_meshes(tmp_path):
         target = _config(*shape)
         mesh = sharding.make_mesh(target, devices)
         got, data = checkpoint.Checkpointer(str(tmp_path), target).restore_latest(
-            compiled.abstract_state(target, mesh))
+            train_state.abstract(target, mesh))
         assert data == {"consumed": 8}
         jax.tree.map(np.testing.assert_array_equal, state, jax.device_get(got))
         q = got["params"]["blocks"]["attention"]["q"]
@@ -68,7 +69,7 @@ def test_damaged_checkpoint_fails_verify_and_refuses_to_restore(tmp_path, damage
     assert r.returncode == 1 and files[-1] in r.stdout, r.stdout + r.stderr
     mesh = sharding.make_mesh(c)
     with pytest.raises(manifest.CheckpointError, match=os.path.basename(victim)):
-        checkpoint.Checkpointer(str(tmp_path), c).restore_latest(compiled.abstract_state(c, mesh))
+        checkpoint.Checkpointer(str(tmp_path), c).restore_latest(train_state.abstract(c, mesh))
 
 
 def test_committed_but_unsealed_step_is_sealed_on_restart_and_later_saves_go_on(tmp_path):
@@ -80,7 +81,7 @@ def test_committed_but_unsealed_step_is_sealed_on_restart_and_later_saves_go_on(
     assert manifest.verify(os.path.join(directory, "2"))["step"] == 2
     resume = ckpt.latest()
     assert resume.step == 2
-    got, data = ckpt.restore(resume, compiled.abstract_state(c, sharding.make_mesh(c)))
+    got, data = ckpt.restore(resume, train_state.abstract(c, sharding.make_mesh(c)))
     assert data == {"consumed": 16}
     ckpt.save(3, state, {"consumed": 24})  # orbax would skip a step at or below an unsealed one
     ckpt.close()
@@ -101,7 +102,7 @@ def test_retention_keeps_the_newest_sealed_steps_and_every_kth(tmp_path):
     c = _config()
     c.checkpoint.keep, c.checkpoint.keep_every = 2, 3
     mesh = sharding.make_mesh(c)
-    state = compiled.init_state(c, mesh)
+    state = train_state.init(c, mesh)
     ckpt = checkpoint.Checkpointer(str(tmp_path), c)
     for s in range(1, 8):
         ckpt.save(s, state, {"consumed": s})
@@ -140,7 +141,7 @@ def test_signed_seals_verify_with_their_key_and_not_with_another(tmp_path):
     c.checkpoint.signing_key = private
     mesh = sharding.make_mesh(c)
     ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), c)
-    ckpt.save(1, compiled.init_state(c, mesh), {"consumed": 8})
+    ckpt.save(1, train_state.init(c, mesh), {"consumed": 8})
     ckpt.close()
     step = os.path.join(ckpt.directory, "1")
     assert manifest.verify(step, public)["step"] == 1
@@ -213,10 +214,11 @@ KILLED_MID_SAVE = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 from test_checkpoint import _config
-from heft.train import checkpoint, compiled, sharding
+from heft.train import checkpoint, sharding
+from heft.train import state as train_state
 c = _config()
 mesh = sharding.make_mesh(c)
-state = compiled.init_state(c, mesh)
+state = train_state.init(c, mesh)
 ckpt = checkpoint.Checkpointer({workdir!r}, c)
 ckpt.save(1, state, {{"consumed": 8}})
 ckpt.wait()
@@ -232,7 +234,7 @@ def test_process_killed_during_async_save_resumes_from_a_complete_step(tmp_path)
     assert r.returncode == -9, r.stderr[-2000:]
     c = _config()
     state, data = checkpoint.Checkpointer(str(tmp_path), c).restore_latest(
-        compiled.abstract_state(c, sharding.make_mesh(c)))
+        train_state.abstract(c, sharding.make_mesh(c)))
     # Step 2 was cut short (removed) or had committed (sealed now): either way a complete step.
     assert (int(state["step"]), data) in [(0, {"consumed": 8}), (1, {"consumed": 16})]
     assert subprocess.run(["heft", "verify", str(tmp_path)], capture_output=True).returncode == 0

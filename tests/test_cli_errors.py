@@ -55,7 +55,7 @@ def test_eval_batch_that_does_not_split_over_the_mesh_is_one_line_with_libtpu_in
     import numpy as np
 
     from heft.configs import tiny
-    from heft.model.decoder import init_params
+    from heft.model.build import init_params
     from heft.train import checkpoint
 
     c = tiny.get_config()
@@ -76,7 +76,7 @@ def hf_folder(tmp_path_factory):
 
     from heft.configs import base
     from heft.convert.hf import export_hf
-    from heft.model.decoder import init_params
+    from heft.model.build import init_params
 
     c = base.get_config()
     c.model.update(vocab=64, width=32, depth=1, heads=2, kv_heads=1, mlp_width=64, max_len=64)

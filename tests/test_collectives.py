@@ -3,7 +3,7 @@ the torus by the ring formulas, and the step's overlap of collectives with compu
 
 import pytest
 
-from heft.launch import collectives, kernels
+from heft.launch import collectives, pallas_flops
 from heft.launch.costs import Collective, Kernel, replica_groups
 from heft.launch.plan import Plan
 
@@ -81,9 +81,9 @@ def test_splash_kernel_flops_follow_its_matmuls_and_the_causal_blocks():
     one = 2 * 2 * 8 * 8192 * 8192 * 128  # one [8192, 8192] x 128 matmul per head and example
     blocks = 8192 // 512
     share = blocks * (blocks + 1) / 2 / blocks**2  # blocks on and below the diagonal
-    assert kernels.flops(Kernel("splash_mha_fwd_segmented_residuals.3", [q, k, k, ids])) == pytest.approx(
+    assert pallas_flops.flops(Kernel("splash_mha_fwd_segmented_residuals.3", [q, k, k, ids])) == pytest.approx(
         2 * one * share)
-    assert kernels.flops(Kernel("splash_mha_dq_segmented_no_residuals.1", [q, k, k])) == pytest.approx(3 * one * share)
-    assert kernels.flops(Kernel("splash_mha_dkv_segmented_no_residuals.1", [q, k, k])) == pytest.approx(
+    assert pallas_flops.flops(Kernel("splash_mha_dq_segmented_no_residuals.1", [q, k, k])) == pytest.approx(3 * one * share)
+    assert pallas_flops.flops(Kernel("splash_mha_dkv_segmented_no_residuals.1", [q, k, k])) == pytest.approx(
         4 * one * share)
-    assert kernels.flops(Kernel("some_other_kernel.1", [q, k, k])) == 0
+    assert pallas_flops.flops(Kernel("some_other_kernel.1", [q, k, k])) == 0

@@ -160,14 +160,14 @@ def test_llama3_rope_scaling_gives_transformers_logits(tmp_path):
 
 
 def test_import_onto_a_mesh_places_every_parameter_in_its_shards(llama):
-    from heft.train import sharding
+    from heft.train import rules, sharding
 
     _, folder = llama
     config, reference = import_hf(folder)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
     mesh = sharding.make_mesh(config)
     _, params = import_hf(folder, mesh=mesh)
-    want = dict(nnx.to_flat_state(sharding.param_shardings(params, mesh, config)))
+    want = dict(nnx.to_flat_state(rules.shardings(params, mesh, config)))
     split = 0
     for path, var in nnx.to_flat_state(params):
         assert var[...].sharding.is_equivalent_to(want[path], var[...].ndim), path

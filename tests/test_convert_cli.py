@@ -43,7 +43,7 @@ def test_imported_checkpoint_loads_with_transformers_logits_and_greedy_continuat
 
     from heft.data import tokenizer as tokenizers
     from heft.eval.generate import generate
-    from heft.model.decoder import bind
+    from heft.model.build import bind
     from heft.train import checkpoint, sharding
 
     model, original, directory = imported
@@ -106,6 +106,7 @@ def test_tiny_model_trained_a_few_steps_exports_to_transformers_with_same_logits
 
     from heft.configs import tiny
     from heft.train import checkpoint, compiled, sharding
+    from heft.train import state as train_state
     from test_convert import _heft_greedy, _heft_logits
 
     config = tiny.get_config()
@@ -113,7 +114,7 @@ def test_tiny_model_trained_a_few_steps_exports_to_transformers_with_same_logits
     config.train.update(batch_size=4, seq_len=32, warmup_steps=1)
     mesh = sharding.make_mesh(config, jax.devices()[:1])
     rng = np.random.default_rng(0)
-    state = compiled.init_state(config, mesh)
+    state = train_state.init(config, mesh)
     with sharding.activated(mesh, config):
         step = compiled.train_step(config, mesh)
         for _ in range(3):

@@ -13,7 +13,7 @@ from flax import nnx
 from heft.configs import base
 from heft.convert.hf import export_hf, import_hf
 from heft.convert.checkpoints import run_export, run_import
-from heft.model.decoder import init_params
+from heft.model.build import init_params
 
 SHARD = 24_000  # bytes: the small model below spans several shards and an index
 

@@ -16,7 +16,7 @@ from heft.convert.errors import ConvertError
 from heft.convert.hf import export_hf, import_hf
 from heft.eval import seq2seq
 from heft.model.checks import head_dim
-from heft.model.decoder import bind, init_params
+from heft.model.build import bind, init_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from heft.configs import base
-from heft.model.decoder import init_params
+from heft.model.build import init_params
 from heft.train import step
 
 

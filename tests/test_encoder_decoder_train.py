@@ -13,7 +13,7 @@ from heft.configs import milton, t5_tiny
 from heft.data import processes
 from heft.eval import seq2seq
 from heft.eval.heldout import evaluate
-from heft.model.decoder import bind
+from heft.model.build import bind
 from heft.train import checkpoint, loop
 
 STEPS = 4

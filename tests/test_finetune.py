@@ -18,7 +18,7 @@ from heft.convert.checkpoints import run_export
 from heft.configs import milton, tiny
 from heft.data import corpus, processes
 from heft.eval.heldout import evaluate
-from heft.model import decoder
+from heft.model import build
 from heft.train import checkpoint, loop, manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,10 +98,10 @@ def test_merged_lora_equals_the_unmerged_fine_tune_and_exports_as_a_plain_model(
     load.merge(workdir, out)
     run, unmerged, _ = load.load_params(workdir)
     config, merged, tokenizer = checkpoint.load_params(out)  # a plain model: no LoRA, no base lookup
-    assert tokenizer is not None and decoder.abstract_params(config.model).keys() == merged.keys()
+    assert tokenizer is not None and build.abstract_params(config.model).keys() == merged.keys()
     tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, 512)
-    np.testing.assert_allclose(np.asarray(decoder.bind(config.model, merged)(tokens)),
-                               np.asarray(decoder.bind(run.model, unmerged)(tokens)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(build.bind(config.model, merged)(tokens)),
+                               np.asarray(build.bind(run.model, unmerged)(tokens)), rtol=1e-5, atol=1e-5)
     files = run_export(out, str(root / "merged_hf"))  # a plain model exports to Hugging Face as any other
     assert "config.json" in files and any(f.endswith(".safetensors") for f in files)
 

@@ -96,10 +96,11 @@ def test_a_step_whose_seal_lost_the_race_for_space_is_sealed_once_the_failed_sav
 
     from test_checkpoint import _config
 
-    from heft.train import checkpoint, compiled, custody, manifest, sharding
+    from heft.train import checkpoint, custody, manifest, sharding
+    from heft.train import state as train_state
 
     c = _config()
-    state = compiled.init_state(c, sharding.make_mesh(c))
+    state = train_state.init(c, sharding.make_mesh(c))
     real, calls = custody.seal, []
 
     def full_once(*args, **kwargs):
@@ -126,10 +127,11 @@ def test_a_committed_step_left_unsealed_is_named_as_what_a_restart_resumes_from(
     whose seal had not happened is what the next start seals and resumes from."""
     from test_checkpoint import _config
 
-    from heft.train import checkpoint, compiled, custody, sharding
+    from heft.train import checkpoint, custody, sharding
+    from heft.train import state as train_state
 
     c = _config()
-    state = compiled.init_state(c, sharding.make_mesh(c))
+    state = train_state.init(c, sharding.make_mesh(c))
     ckpt = checkpoint.Checkpointer(str(tmp_path), c)
     assert ckpt.newest_complete() == "none yet"
     ckpt.save(1, state, {"consumed": 8})

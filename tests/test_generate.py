@@ -15,8 +15,6 @@ from heft.eval import sampling
 from heft.eval.generate import full_forward_generate, generate
 from heft.model.checks import ConfigError
 from heft.model.decoder import Decoder
-
-# Three lengths: two share the smallest prefill bucket (16), one needs the next (32).
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], list(range(100, 120))]
 N = 12  # new tokens; one value for every test, so that they share compiled loops
 
@@ -113,7 +111,7 @@ def test_learned_positions_past_max_len_are_refused_before_compiling():
 
 def test_generate_verb_continues_prompts_from_a_saved_checkpoint(tmp_path):
     from heft.data import tokenizer
-    from heft.model.decoder import bind, init_params
+    from heft.model.build import bind, init_params
     from heft.train import checkpoint
 
     text = "".join(f"The {w} dog ran over the {v} hill and back again.\n" for w in

@@ -114,7 +114,7 @@ def test_generate_until_is_the_greedy_continuation_cut_at_the_first_stop_string(
     from heft.data import tokenizer
     from heft.eval import harness
     from heft.eval.generate import generate
-    from heft.model.decoder import bind
+    from heft.model.build import bind
     from heft.train import checkpoint, sharding
 
     workdir, _ = trained

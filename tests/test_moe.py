@@ -15,6 +15,7 @@ from heft.model import moe
 from heft.model.checks import ConfigError
 from heft.model.decoder import Decoder
 from heft.train import step
+from heft.train import state as train_state
 
 
 def _m(**fields):
@@ -181,7 +182,7 @@ def test_loss_falls_on_the_tiny_moe_and_the_router_losses_are_logged():
     c = tiny_moe.get_config()
     c.model.update(depth=1, remat="none")
     c.train.update(warmup_steps=2, steps=30, lr=1e-2)
-    state = step.init_state(c)
+    state = train_state.fresh(c)
     batch = jax.tree.map(jnp.asarray, _batch(c, B=2, T=32))
     train = jax.jit(lambda s, b: step.train_step(c, s, b))
     losses = []
@@ -268,7 +269,7 @@ def test_a_dense_checkpoint_saved_before_the_moe_fields_resumes_as_dense(tmp_pat
 
 def test_quantizing_or_lora_on_the_experts_is_refused_in_one_line():
     from heft.adapt import lora
-    from heft.model.decoder import abstract_params
+    from heft.model.build import abstract_params
     from heft.quantize import rules
 
     c = tiny_moe.get_config()
@@ -292,7 +293,7 @@ def test_a_moe_base_fine_tunes_with_lora_on_the_attention():
     method = "lora"
     from heft.adapt import config as adapt_config
     from heft.adapt import finetune, trainable
-    from heft.model import decoder
+    from heft.model import build
 
     c = tiny_moe.get_config()
     c.model.update(depth=1, remat="none")
@@ -300,11 +301,11 @@ def test_a_moe_base_fine_tunes_with_lora_on_the_attention():
     c.train.update(warmup_steps=1, steps=20, lr=1e-2)
     run = adapt_config.run_config(c, c)
     base_m = adapt_config.base_view(run).model
-    base = decoder.init_params(base_m, 0)
+    base = build.init_params(base_m, 0)
     batch = jax.tree.map(jnp.asarray, _batch(c, B=2, T=16))
     state = finetune.init_state(run, base)
-    step0 = decoder.bind(run.model, trainable.params(run, state["params"], base))(batch["inputs"])
-    np.testing.assert_array_equal(np.asarray(step0), np.asarray(decoder.bind(base_m, base)(batch["inputs"])))
+    step0 = build.bind(run.model, trainable.params(run, state["params"], base))(batch["inputs"])
+    np.testing.assert_array_equal(np.asarray(step0), np.asarray(build.bind(base_m, base)(batch["inputs"])))
     train = jax.jit(lambda s, b: finetune.train_step(run, s, base, b))
     losses = []
     for _ in range(6):

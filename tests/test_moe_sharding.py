@@ -7,8 +7,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from heft.configs import tiny_moe
-from heft.model.decoder import bind, init_params
+from heft.model.build import bind, init_params
 from heft.train import compiled, sharding
+from heft.train import state as train_state
 
 # (data, fsdp, expert, tensor)
 MESHES = {"expert4_x_data2": (2, 1, 4, 1), "expert4_x_fsdp2": (1, 2, 4, 1), "expert2_x_tensor2_x_data2": (2, 1, 2, 2)}
@@ -58,10 +59,10 @@ def test_one_training_step_on_expert_x_fsdp_equals_one_device():
     for c, devices in ((_config(depth=1), jax.devices()[:1]), (_config(*MESHES["expert4_x_fsdp2"], depth=1), jax.devices())):
         mesh = sharding.make_mesh(c, devices)
         if initial is None:
-            state = compiled.init_state(c, mesh)
+            state = train_state.init(c, mesh)
             initial = jax.device_get(state)  # the step donates the state
         else:
-            state = jax.device_put(initial, sharding.state_shardings(c, mesh))
+            state = jax.device_put(initial, train_state.shardings(c, mesh))
         with sharding.activated(mesh, c):
             state, metrics = compiled.train_step(c, mesh)(state, jax.device_put(_batch(c), sharding.batch_sharding(c, mesh)))
         results.append((jax.device_get(metrics), jax.device_get(state["params"])))

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from heft.configs import tiny
-from heft.model.decoder import bind
+from heft.model.build import bind
 from heft.train import optimizer, step
+from heft.train import state as train_state
 
 WIDTHS = (64, 1024)
 
@@ -29,7 +30,7 @@ def movement(init: str, width: int, steps: int = 4) -> tuple[float, float]:
     batch = jax.tree.map(jnp.asarray, {
         "inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.tile(np.arange(16), (4, 1)),
         "segment_ids": np.ones((4, 16), np.int32), "weights": np.ones((4, 16), np.float32)})
-    state = jax.jit(lambda: step.init_state(c))()
+    state = jax.jit(lambda: train_state.fresh(c))()
     forward = jax.jit(lambda p: bind(c.model, p)(batch["inputs"], batch["positions"], return_hidden=True))
     logits0, hidden0 = forward(state["params"])
     train = jax.jit(lambda s: step.train_step(c, s, batch)[0])
@@ -59,7 +60,7 @@ def test_mup_learning_rate_factors_scale_matrices_only():
     assert factors[("embed",)] == 1.0 and factors[("final_norm", "scale")] == 1.0
     matrices = [f for path, f in factors.items() if path[-1] in ("q", "k", "v", "o", "readout")]
     assert matrices and all(f == 64 / 256 for f in matrices)
-    state = jax.eval_shape(lambda: step.init_state(c))  # the grouped optimizer builds and counts
+    state = jax.eval_shape(lambda: train_state.fresh(c))  # the grouped optimizer builds and counts
     assert optimizer.schedule_count(state["opt_state"]).shape == ()
 
 
@@ -75,10 +76,10 @@ def test_a_mup_run_away_from_its_base_width_compiles_sharded_and_equals_the_unsh
     tokens = np.random.default_rng(1).integers(0, 256, (8, 17))
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.tile(np.arange(16), (8, 1)),
              "segment_ids": np.ones((8, 16), np.int32), "weights": np.ones((8, 16), np.float32)}
-    state = compiled.init_state(c, mesh)
+    state = train_state.init(c, mesh)
     with sharding.activated(mesh, c):
         state, metrics = compiled.train_step(c, mesh)(state, jax.device_put(batch, sharding.batch_sharding(c, mesh)))
-    reference = jax.jit(lambda s: step.train_step(c, s, jax.tree.map(jnp.asarray, batch)))(jax.jit(lambda: step.init_state(c))())
+    reference = jax.jit(lambda s: step.train_step(c, s, jax.tree.map(jnp.asarray, batch)))(jax.jit(lambda: train_state.fresh(c))())
     np.testing.assert_allclose(float(metrics["loss"]), float(reference[1]["loss"]), rtol=1e-5)
     for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(reference[0]["params"])):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=2e-5)  # Adam: ~1% of a step

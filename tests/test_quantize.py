@@ -14,8 +14,8 @@ from flax import nnx
 
 from heft.configs import tiny
 from heft.model.checks import ConfigError
-from heft.model.decoder import bind as bind_float
-from heft.model.decoder import init_params
+from heft.model.build import bind as bind_float
+from heft.model.build import init_params
 from heft.train import checkpoint, sharding
 
 qwix = pytest.importorskip("qwix")
@@ -49,7 +49,9 @@ def test_quantized_forward_after_save_and_restore_equals_qwix_quantizing_the_mod
                                     qwix.PtqProvider(rules.qwix_rules(c)), TOKENS)(TOKENS)
     mesh = checkpoint.serving_mesh(c)
     qcheckpoint.save(str(tmp_path / "q"), c, qmodel.quantize(c, float_params, mesh))
-    config, qparams, _, bind = qcheckpoint.load_any(str(tmp_path / "q"))
+    loaded = checkpoint.load(str(tmp_path / "q"))
+    config, qparams, bind = loaded.config, loaded.params, loaded.bind
+    assert loaded.kind == "quantized"
     with sharding.activated(mesh, config):
         logits = jax.jit(lambda p, t: bind(config.model, p)(t))(qparams, TOKENS)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(reference), rtol=1e-5, atol=1e-5)
@@ -102,7 +104,7 @@ def test_quantized_checkpoint_restores_bit_for_bit_on_another_mesh(tmp_path, flo
     qcheckpoint.save(str(tmp_path / "q"), c, qparams)
     other = c.copy_and_resolve_references()
     other.mesh.data, other.mesh.fsdp, other.mesh.tensor = 2, 2, 2
-    _, restored, _ = qcheckpoint.load(str(tmp_path / "q"), mesh=sharding.make_mesh(other))
+    restored = checkpoint.load(str(tmp_path / "q"), mesh=sharding.make_mesh(other)).params
     for a, b in zip(jax.tree.leaves(qparams), jax.tree.leaves(restored)):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert np.array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))

@@ -8,6 +8,7 @@ from flax import nnx
 from heft.configs import tiny
 from heft.model.decoder import Decoder
 from heft.train import sharding
+from heft.train import state as train_state
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
 
@@ -67,7 +68,7 @@ def test_two_slices_of_four_devices_give_the_single_slice_logits_and_training_st
     """8 devices as 2 slices x (fsdp 2 x tensor 2): the batch splits across slices, every parameter is
     whole within a slice (replicated across slices), and the forward pass and one update equal the
     same run on one slice of 8 (data 2 x fsdp 2 x tensor 2)."""
-    from heft.model.decoder import bind
+    from heft.model.build import bind
     from heft.train import compiled
 
     one, two = _config(2, 2, 2), _config(1, 2, 2)
@@ -82,16 +83,16 @@ def test_two_slices_of_four_devices_give_the_single_slice_logits_and_training_st
     # Each slice is a block of 4 devices (no slice_index on CPU devices: consecutive blocks).
     assert [sorted(d.id for d in mesh2.devices[i].flat) for i in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert sharding.batch_sharding(two, mesh2).spec[0] == ("slices", "data", "fsdp", "expert")
-    for sh in jax.tree.leaves(sharding.state_shardings(two, mesh2)):
+    for sh in jax.tree.leaves(train_state.shardings(two, mesh2)):
         assert "slices" not in jax.tree.leaves(tuple(sh.spec))  # parameters and Adam: within a slice
 
     seq = np.random.default_rng(0).integers(0, one.model.vocab, (B, T + 1))
     batch = {"inputs": seq[:, :-1].astype(np.int32), "targets": seq[:, 1:].astype(np.int32),
              "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
              "segment_ids": np.ones((B, T), np.int32), "weights": np.ones((B, T), np.float32)}
-    results, initial = [], compiled.init_state(one, mesh1)
+    results, initial = [], train_state.init(one, mesh1)
     for c, mesh in ((two, mesh2), (one, mesh1)):  # the same initial state, laid out for each mesh
-        state = jax.device_put(initial, sharding.state_shardings(c, mesh), may_alias=False) if c is two else initial
+        state = jax.device_put(initial, train_state.shardings(c, mesh), may_alias=False) if c is two else initial
         placed = jax.device_put(batch, sharding.batch_sharding(c, mesh))
         with sharding.activated(mesh, c):
             logits = jax.jit(lambda p, x, c=c: bind(c.model, p)(x))(state["params"], placed["inputs"])

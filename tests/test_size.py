@@ -53,7 +53,7 @@ def _optax_state_bytes(c) -> tuple[int, int]:
     only), the scalar step counts aside."""
     import jax
 
-    from heft.model.decoder import init_params
+    from heft.model.build import init_params
     from heft.train import optimizer
 
     params = jax.eval_shape(lambda: init_params(c.model, 0))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from heft.configs import t5_tiny
-from heft.data import loader, seq2seq, spans
+from heft.data import loader, rows, seq2seq, spans
 from heft.data.errors import DataError
 from heft.data.processes import prepare_for_processes
 
@@ -99,7 +99,7 @@ def test_span_batches_depend_on_the_rows_consumed_alone(prepared):
     c, p = prepared
     straight = loader.Loader(p, seq_len=SEQ_LEN, global_batch=BATCH, seed=0, prefetch=0)
     batches = [straight.next() for _ in range(4)]
-    lengths = seq2seq.row_lengths(c)
+    lengths = rows.lengths(c)
     for key, value in batches[0].items():
         assert value.shape == (BATCH, lengths[key]), key
     b = batches[0]

@@ -8,6 +8,7 @@ from flax import traverse_util
 
 from heft.configs import tiny
 from heft.train import compiled, sharding, step
+from heft.train import state as train_state
 
 
 def _config(**train):
@@ -32,7 +33,7 @@ def _batches(c, n, seed=0):
 
 
 def _run(c, mesh, batches):
-    state = compiled.init_state(c, mesh)
+    state = train_state.init(c, mesh)
     fn = compiled.train_step(c, mesh)
     losses = []
     with sharding.activated(mesh, c):
@@ -54,7 +55,7 @@ def test_same_losses_on_every_mesh_and_state_stays_sharded():
         mesh = sharding.make_mesh(c)
         losses, state = _run(c, mesh, batches)
         np.testing.assert_allclose(losses, reference, rtol=1e-5, err_msg=str(shape))
-        want = sharding.state_shardings(c, mesh)
+        want = train_state.shardings(c, mesh)
         for got, expected in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
             assert got.sharding.is_equivalent_to(expected, got.ndim), shape
 
@@ -76,7 +77,7 @@ def test_weight_decay_changes_only_what_its_mask_selects():
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
     mesh = sharding.make_mesh(c, jax.devices()[:1])
     batch = dict(_batches(c, 1)[0], weights=np.zeros((8, 32), np.float32))
-    before = jax.device_get(compiled.init_state(c, mesh)["params"])
+    before = jax.device_get(train_state.init(c, mesh)["params"])
     c.train.warmup_steps = 0
     _, after = _run(c, mesh, [batch])
     changed = traverse_util.flatten_dict(jax.tree.map(lambda a, b: bool((a != b).any()), before,
@@ -121,7 +122,7 @@ def test_a_non_finite_step_keeps_weights_and_moments_and_moves_step_and_schedule
     mesh = sharding.make_mesh(c, jax.devices()[:1])
     batch = _batches(c, 1)[0]
     nan, zero = (dict(batch, weights=np.full((8, 32), v, np.float32)) for v in (np.nan, 0.0))
-    state = compiled.init_state(c, mesh)
+    state = train_state.init(c, mesh)
     before = jax.device_get(state["params"])
     fn = compiled.train_step(c, mesh)
     with sharding.activated(mesh, c):

@@ -8,11 +8,10 @@ soon as `--config` is parsed, so every verb refuses a bad config before doing an
 divisibility); the training loop runs it before compiling.
 """
 
-import math
-
 from heft.model import checks as model_checks
 from heft.model import kernels
 from heft.model.checks import ConfigError
+from heft.train import experts, rules, sharding
 
 SCHEDULES = ("cosine", "linear", "constant")
 ON_NONFINITE = ("stop", "skip")
@@ -137,11 +136,7 @@ def batch_devices(config, axis_sizes) -> int:
     `axis_sizes`: {"slices": .., "data": .., "fsdp": .., "tensor": ..} (a mesh's `shape`, or a layout
     being considered); an axis it leaves out has size 1.
     """
-    from heft.train import sharding
-
-    axes = sharding.spec(("batch",), config)[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(axis_sizes.get(a, 1) for a in axes)
+    return rules.size(axis_sizes, rules.spec(("batch",), config)[0])
 
 
 def check_batch(config, axis_sizes, batch_size: int, name: str = "train.batch_size") -> None:
@@ -154,8 +149,6 @@ def check_batch(config, axis_sizes, batch_size: int, name: str = "train.batch_si
 
 def check(config, mesh) -> None:
     """Every error a user can cause in the config of a run on `mesh`, raised before anything compiles."""
-    from heft.train import experts, sharding
-
     check_config(config)
     t = config.train
     check_batch(config, mesh.shape, t.batch_size)

@@ -4,22 +4,18 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from heft.data import seq2seq
+from heft.data import rows
 from heft.train import sharding, step
-
-BATCH_KEYS = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
-              "segment_ids": jnp.int32, "weights": jnp.float32}
-
+from heft.train import state as train_state
 
 def train_step(config, mesh: Mesh):
     """`step.train_step` jitted over `mesh`: (state, batch) -> (state, metrics), state donated.
 
     Trace and compile it inside `sharding.activated(mesh, config)`.
     """
-    state_sh = sharding.state_shardings(config, mesh)
+    state_sh = train_state.shardings(config, mesh)
     batch_sh = sharding.batch_sharding(config, mesh)
     return jax.jit(
         functools.partial(step.train_step, config),
@@ -39,26 +35,12 @@ def eval_step(config, mesh: Mesh):
     )
 
 
-def init_state(config, mesh: Mesh) -> dict:
-    """A fresh train state created directly in its shards."""
-    with sharding.activated(mesh, config):
-        return jax.jit(lambda: step.init_state(config), out_shardings=sharding.state_shardings(config, mesh))()
-
-
-def abstract_state(config, mesh: Mesh) -> dict:
-    """The train state as ShapeDtypeStructs carrying their shardings (for AOT compiles, restores)."""
-    shapes = jax.eval_shape(lambda: step.init_state(config))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, sharding.state_shardings(config, mesh))
-
-
 def abstract_batch(config, mesh: Mesh, batch_size: int | None = None, seq_len: int | None = None) -> dict:
-    shape = (batch_size or config.train.batch_size, seq_len or config.train.seq_len)
-    sh = sharding.batch_sharding(config, mesh)
-    if seq2seq.is_encoder_decoder(config):  # the encoder's rows, and the decoder's (data/seq2seq.py)
-        return {k: jax.ShapeDtypeStruct((shape[0], n), jnp.float32 if k == "weights" else jnp.int32, sharding=sh)
-                for k, n in seq2seq.row_lengths(config, shape[1]).items()}
-    return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh) for k, dt in BATCH_KEYS.items()}
+    """The batch a step reads, as ShapeDtypeStructs laid out over `mesh`: the rows data/rows.py lists
+    for the config's family, [batch, row length] each."""
+    batch, sh = batch_size or config.train.batch_size, sharding.batch_sharding(config, mesh)
+    return {k: jax.ShapeDtypeStruct((batch, n), rows.dtype(k), sharding=sh)
+            for k, n in rows.lengths(config, seq_len).items()}
 
 
 def use_compilation_cache(config) -> str | None:

@@ -16,31 +16,24 @@ weights (`tensor`) sum the partial outputs (psum). With every such axis of size 
 vanish: each device runs all experts on its own tokens.
 """
 
-import math
-
 import jax
 from jax.sharding import PartitionSpec
 
 from heft.model import moe
-
-
-def _axes(entry) -> tuple[str, ...]:
-    """One PartitionSpec entry as a tuple of mesh axis names."""
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+from heft.model.checks import ConfigError, sparse
+from heft.train import rules
 
 
 def parallel(mesh, config):
     """`moe.experts` over `mesh` as the rules lay it out: same arguments, same result."""
-    from heft.train.sharding import spec
-
-    batch, length = spec(("batch", "length"), config)
-    expert, mlp = spec(("expert", "mlp"), config)
-    split = _axes(expert) + _axes(mlp)  # axes that split the weights (of size 1, their collectives vanish)
+    batch, length = rules.spec(("batch", "length"), config)
+    expert, mlp = rules.spec(("expert", "mlp"), config)
+    split = rules.axes(expert) + rules.axes(mlp)  # axes that split the weights (of size 1, their collectives vanish)
     # Per token dimension (0: batch, 1: length), the weight-splitting axes that also split it: these
     # devices trade tokens. The other weight-splitting axes hold the same tokens: they sum their parts.
-    gathered = [(dim, tuple(a for a in split if a in _axes(entry))) for dim, entry in ((0, batch), (1, length))]
+    gathered = [(dim, tuple(a for a in split if a in rules.axes(entry))) for dim, entry in ((0, batch), (1, length))]
     gathered = [(dim, axes) for dim, axes in gathered if axes]
-    summed = tuple(a for a in split if a not in _axes(batch) + _axes(length))
+    summed = tuple(a for a in split if a not in rules.axes(batch) + rules.axes(length))
 
     token_spec = PartitionSpec(batch, length, None)
     up_spec = PartitionSpec(expert, None, mlp)  # [experts, embed, mlp]: embed whole (gathered)
@@ -48,7 +41,7 @@ def parallel(mesh, config):
 
     def local(x, ids, weights, w, m):
         held = w["up"].shape[0]
-        first = jax.lax.axis_index(_axes(expert)) * held if _axes(expert) else 0
+        first = jax.lax.axis_index(rules.axes(expert)) * held if rules.axes(expert) else 0
         for dim, axes in gathered:
             x, ids, weights = (jax.lax.all_gather(t, axes, axis=dim, tiled=True) for t in (x, ids, weights))
         y = moe.experts(x, ids, weights, w, m, first)
@@ -69,12 +62,9 @@ def parallel(mesh, config):
 
 def check(config, mesh) -> None:
     """The expert axis must split the experts evenly (raises ConfigError naming both fields)."""
-    from heft.model.checks import ConfigError, sparse
-    from heft.train.sharding import spec
-
     if not sparse(config.model):
         return
-    n = math.prod(mesh.shape[a] for a in _axes(spec(("expert",), config)[0]))
+    n = rules.size(mesh.shape, rules.spec(("expert",), config)[0])
     experts = config.model.moe.experts
     if experts % n:
         raise ConfigError(f"model.moe.experts={experts} is not divisible by the {n} devices of the expert axis "

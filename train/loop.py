@@ -19,6 +19,7 @@ from heft.data import loader as data_loader
 from heft.data import processes as data_processes
 from heft.data.errors import PrepareStopped
 from heft.train import checkpoint, checks, compiled, goodput, hosts, lock, metrics, peak, remat, sharding, size, storage
+from heft.train import state as train_state
 
 
 class NonFiniteLoss(RuntimeError):
@@ -54,7 +55,7 @@ class Trainee:
 def pretraining() -> Trainee:
     """`heft train`'s trainee: every parameter of the model, from a fresh init."""
     return Trainee(lambda config, mesh: Program(
-        abstract_state=compiled.abstract_state(config, mesh), init_state=lambda: compiled.init_state(config, mesh),
+        abstract_state=train_state.abstract(config, mesh), init_state=lambda: train_state.init(config, mesh),
         train_step=compiled.train_step(config, mesh), eval_step=compiled.eval_step(config, mesh)), plain_step=True)
 
 

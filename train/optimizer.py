@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from heft.model import build
 from heft.model.checks import ConfigError
 from heft.train.checks import SCHEDULES
 
@@ -71,8 +72,6 @@ def mup_multipliers(config) -> dict:
     matrix whose fan-in grows with the width (attention, MLP, the readout) learns at
     lr · base_width / width; embeddings, norm scales and biases at lr. With `model.init=mup` and a
     fixed head_dim, the best lr found at `model.mup_base_width` carries over to other widths."""
-    from heft.model.decoder import abstract_params
-
     ratio = config.model.mup_base_width / config.model.width
 
     def factor(path) -> float:
@@ -81,7 +80,7 @@ def mup_multipliers(config) -> dict:
             len(path) > 1 and path[-2].endswith("norm"))
         return 1.0 if fixed else ratio
 
-    return {path: factor(path) for path in traverse_util.flatten_dict(abstract_params(config.model))}
+    return {path: factor(path) for path in traverse_util.flatten_dict(build.abstract_params(config.model))}
 
 
 def make_for(config) -> optax.GradientTransformation:

@@ -9,7 +9,7 @@ traceback, at moments heft does not choose (some at exit):
 - the other parallel writes that failed are garbage-collected unretrieved, and asyncio logs "Task
   exception was never retrieved" for each.
 `failed_save_echoes()` drops exactly these; everything else still prints. Savers call it
-(train/checkpoint.py) so that every verb that writes a checkpoint is covered.
+(train/checkpoint/) so that every verb that writes a checkpoint is covered.
 """
 
 import logging

@@ -34,6 +34,7 @@ import numpy as np
 from heft.data import prepare
 from heft.model.checks import ConfigError
 from heft.train import compiled, hosts, sharding, storage
+from heft.train import state as train_state
 
 CANDIDATES = ("none", "save_matmuls", "full")  # least recompute first: ties go to the first
 STEPS = 3  # timed steps per candidate, after one untimed (its first run pays for allocation)
@@ -120,7 +121,7 @@ def _time(config, mesh) -> Choice:
         c = with_remat(config, remat)
         with sharding.activated(mesh, c):
             try:
-                fn = compiled.train_step(c, mesh).lower(compiled.abstract_state(c, mesh),
+                fn = compiled.train_step(c, mesh).lower(train_state.abstract(c, mesh),
                                                         compiled.abstract_batch(c, mesh)).compile()
             except Exception as e:  # noqa: BLE001  (XLA's out-of-memory has no type of its own)
                 if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
@@ -138,7 +139,7 @@ def _time(config, mesh) -> Choice:
 
 
 def _median_step(config, mesh, fn) -> float:
-    state = compiled.init_state(config, mesh)
+    state = train_state.init(config, mesh)
     batch = jax.device_put(_zeros_batch(config, mesh), sharding.batch_sharding(config, mesh))
     times = []
     for i in range(1 + STEPS):

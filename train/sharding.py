@@ -1,9 +1,9 @@
-"""From logical axis names to devices: the mesh, the rules table, and placed parameters.
+"""The mesh, and arrays placed on it: parameters, batches, abstract arrays with their shardings.
 
 `model/` names every parameter's and activation's axes (`embed`, `heads`, `batch`, ...);
-`config.mesh.rules` maps each name to mesh axes (`slices`, `data`, `fsdp`, `expert`, `tensor`). This
-module is the only place the two meet (with train/experts.py, which runs a mixture of experts' layers
-over the mesh). The mesh uses Auto axis types (classic GSPMD propagation between the
+`config.mesh.rules` maps each name to mesh axes (`slices`, `data`, `fsdp`, `expert`, `tensor`), read
+in one place (rules.py). This module builds the mesh and places things on it; the train state's
+shardings are state.py's. The mesh uses Auto axis types (classic GSPMD propagation between the
 named constraints), which is what logical axis rules expect.
 
 `slices` is the outermost level, the one that crosses the data-center network (DCN) between TPU
@@ -24,10 +24,9 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from heft.model import moe
+from heft.model import build, moe
 from heft.model.checks import ConfigError, sparse
-from heft.model.decoder import Decoder, abstract, abstract_params
-from heft.train import experts
+from heft.train import experts, rules
 
 AXES = ("slices", "data", "fsdp", "expert", "tensor")
 IN_SLICE = AXES[1:]
@@ -100,78 +99,28 @@ def _slice_grid(shape, devices, by_slice_index: bool) -> np.ndarray:
     return np.array(devices).reshape(shape)
 
 
-def rules(config) -> tuple:
-    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.mesh.rules)
-
-
-def spec(names, config) -> PartitionSpec:
-    """The mesh PartitionSpec for a tuple of logical axis names."""
-    return nn.logical_to_mesh_axes(names, rules(config))
-
-
 @contextlib.contextmanager
 def activated(mesh: Mesh, config):
     """Within it, the model's activation constraints resolve against `mesh` and the rules, and a
     mixture of experts runs its experts over the mesh (train/experts.py)."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules(config)), contextlib.ExitStack() as stack:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules.table(config)), contextlib.ExitStack() as stack:
         if sparse(config.model):
             stack.enter_context(moe.experts_by(experts.parallel(mesh, config)))
         yield
 
 
-def _axis_size(mesh: Mesh, axes) -> int:
-    if axes is None:
-        return 1
-    axes = (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
-
-
-def param_shardings(abstract_state, mesh: Mesh, config):
-    """NamedShardings for an (abstract) nnx.State whose variables carry logical `out_sharding`.
-
-    Raises ConfigError naming the parameter when a dimension is not divisible by its mesh axes.
-    """
-
-    def one(path, var):
-        names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
-        pspec = spec(names, config)
-        for dim, names_i, axes in zip(var.shape, names, tuple(pspec) + (None,) * len(var.shape)):
-            if dim % _axis_size(mesh, axes):
-                where = ".".join(str(getattr(k, "key", k)) for k in path)
-                raise ConfigError(
-                    f"parameter {where} has {names_i}={dim}, not divisible by mesh axes {axes} of size "
-                    f"{_axis_size(mesh, axes)}; change the model size, the mesh, or the rule for {names_i!r}"
-                )
-        return NamedSharding(mesh, pspec)
-
-    return jax.tree_util.tree_map_with_path(
-        one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
+def placed(shapes, shardings):
+    """`shapes` (arrays or ShapeDtypeStructs) as ShapeDtypeStructs carrying `shardings` (a tree of the
+    same structure): what a restore reads into and an ahead-of-time compile takes."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def param_dict_shardings(m, mesh: Mesh, config) -> dict:
-    """NamedShardings of the model's parameters as a nested dict (the form `init_params` returns)."""
-    _, abstract_state = abstract(m)
-    return nnx.to_pure_dict(param_shardings(abstract_state, mesh, config))
+    """NamedShardings of the model's parameters as a nested dict (the form `build.init_params` returns).
 
-
-def state_shardings(config, mesh: Mesh) -> dict:
-    """Shardings of the whole train state: Adam's moments are laid out like their parameters."""
-    import optax
-
-    from heft.train import optimizer
-
-    params = param_dict_shardings(config.model, mesh, config)
-    tx = optimizer.make_for(config)
-    # Under optax.multi_transform (μP's per-width groups) each group's state holds a MaskedNode where
-    # a parameter belongs to another group: it stays one, having no array to place.
-    masked = lambda x: isinstance(x, optax.MaskedNode)
-    opt = optax.tree_map_params(
-        tx, lambda state, sharding: state if masked(state) else sharding,
-        jax.eval_shape(tx.init, abstract_params(config.model)), params,
-        transform_non_params=lambda _: replicated(mesh), is_leaf=masked,
-    )
-    return {"step": replicated(mesh), "params": params, "opt_state": opt}
+    Raises ConfigError naming the parameter when a dimension is not divisible by its mesh axes."""
+    _, abstract_state = build.abstract(m)
+    return nnx.to_pure_dict(rules.shardings(abstract_state, mesh, config))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -180,19 +129,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharding(config, mesh: Mesh) -> NamedSharding:
     """How a [batch, length] array of tokens is laid out."""
-    return NamedSharding(mesh, spec(("batch", "length"), config))
+    return NamedSharding(mesh, rules.spec(("batch", "length"), config))
 
 
-def create_model(config, mesh: Mesh, seed: int | None = None) -> Decoder:
+def create_model(config, mesh: Mesh, seed: int | None = None):
     """Initializes the model directly into its shards: no device ever holds the whole of it."""
     seed = config.train.seed if seed is None else seed
-    graphdef, abstract_state = abstract(config.model)
-    shardings = param_shardings(abstract_state, mesh, config)
+    graphdef, abstract_state = build.abstract(config.model)
+    shardings = rules.shardings(abstract_state, mesh, config)
 
     @jax.jit
     def init():
-        state = nnx.state(Decoder(config.model, nnx.Rngs(seed)))
-        return jax.lax.with_sharding_constraint(state, shardings)
+        return jax.lax.with_sharding_constraint(nnx.state(build.create(config.model, seed)), shardings)
 
     with activated(mesh, config):
         state = init()

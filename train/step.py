@@ -1,35 +1,21 @@
 """The train and eval steps: pure functions of (state, batch), jitted over the mesh by the loop.
 
-State is a dict {"step": int32[], "params": nested dict, "opt_state": optax state}: everything a
-resume needs besides the data loader's position, in one pytree that orbax saves whole.
+The state is state.py's {"step", "params", "opt_state"}; the model is built and run through
+heft.model.build, so one step serves every family.
 """
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from heft.model.checks import family, sparse
-from heft.model.decoder import bind, init_params
+from heft.model import build
 from heft.train import optimizer
 
 
-def init_state(config) -> dict:
-    params = init_params(config.model, config.train.seed)
-    return {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "opt_state": optimizer.make_for(config).init(params),
-    }
-
-
-def loss_sums(config, params, batch, bind=bind):
+def loss_sums(config, params, batch, bind=build.bind):
     """(sum of weighted next-token losses, sum of weights) over a batch of [batch, length] arrays.
     `bind(model config, params)` makes the model (another for quantized parameters: heft.quantize)."""
-    model = bind(config.model, params)
-    if family(config.model) == "encoder_decoder":  # the encoder reads encoder_inputs (data/seq2seq.py)
-        logits = model(batch["encoder_inputs"], batch["inputs"], batch["encoder_segment_ids"], batch["segment_ids"])
-    else:
-        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits, _ = build.forward(config.model, bind(config.model, params), batch)
     return _weighted_sums(logits, batch)
 
 
@@ -40,7 +26,7 @@ def _weighted_sums(logits, batch):
     return jnp.sum(losses * weights), jnp.sum(weights)
 
 
-def training_sums(config, params, batch, bind=bind):
+def training_sums(config, params, batch, bind=build.bind):
     """What training minimises, as sums: (objective sum, (weight sum, {name: sum to log})).
 
     A dense model's objective is `loss_sums`' and it logs nothing more. A mixture of experts adds
@@ -50,12 +36,10 @@ def training_sums(config, params, batch, bind=bind):
     router loss unweighted, all as sums over the weighted tokens.
     """
     m = config.model
-    if not sparse(m):
-        total, count = loss_sums(config, params, batch, bind)
-        return total, (count, {})
-    model = bind(m, params)
-    logits, router = model(batch["inputs"], batch["positions"], batch["segment_ids"], return_router_losses=True)
+    logits, router = build.forward(m, bind(m, params), batch)
     total, count = _weighted_sums(logits, batch)
+    if not router:
+        return total, (count, {})
     penalty = m.moe.balance_loss_weight * router["balance_loss"] + m.moe.z_loss_weight * router["z_loss"]
     return total + penalty * count, (count, {"loss": total} | {k: v * count for k, v in router.items()})
 

@@ -53,10 +53,8 @@ def main(argv):
     del argv
     f = flags.FLAGS
     check_flags(f)  # before the imports that take seconds
-    from heft.adapt import load as adapt_load
     from heft.data import processes as data_processes
-    from heft.model import decoder
-    from heft.quantize.checkpoint import load_any
+    from heft.launch.checkpoints import load
     from heft.train import checkpoint, checks, sharding
 
     directory = checkpoint.resolve(f.checkpoint)
@@ -73,20 +71,15 @@ def main(argv):
         config.data.format = f.format
     mesh = sharding.make_mesh(config) if f.mesh else checkpoint.serving_mesh(config)
     checks.check_batch(config, mesh.shape, config.train.batch_size, "--batch_size")  # before the slow load
-    # A float or a quantized checkpoint (heft quantize): `bind` makes the model either holds.
-    # A fine-tune (heft finetune) is read with its base into the whole model it makes.
-    if adapt_load.is_finetune(directory):
-        config, params, tokenizer_path = adapt_load.load_params(directory, mesh=mesh, verify=not f.skip_verify,
-                                                                config=config)
-        bind = decoder.bind
-    else:
-        config, params, tokenizer_path, bind = load_any(directory, mesh=mesh, verify=not f.skip_verify, config=config)
+    # Any kind: float, quantized (heft quantize), or a fine-tune read with its base into the whole model.
+    loaded = load(directory, mesh=mesh, verify=not f.skip_verify, config=config)
     if f.tasks:
-        return run_tasks(f, directory, config, params, tokenizer_path, mesh, bind)
+        return run_tasks(f, loaded)
     # The checkpoint's own tokenizer decides the ids; without one (a checkpoint saved outside
     # heft train), the data config's tokenizer is rebuilt as training built it.
-    prepared = data_processes.prepare_for_processes(config, tokenizer_path=tokenizer_path, progress=sys.stderr.isatty())
-    result = evaluate(config, params, mesh, prepared, f.batches, bind=bind)
+    prepared = data_processes.prepare_for_processes(loaded.config, tokenizer_path=loaded.tokenizer,
+                                                    progress=sys.stderr.isatty())
+    result = evaluate(loaded.config, loaded.params, mesh, prepared, f.batches, bind=loaded.bind)
     if f.json:
         print(json.dumps(result))
     else:
@@ -95,7 +88,7 @@ def main(argv):
               f"({result['bytes']:,} bytes) on mesh {dict(mesh.shape)}")
 
 
-def run_tasks(f, directory, config, params, tokenizer_path, mesh, bind) -> None:
+def run_tasks(f, loaded) -> None:
     """lm-evaluation-harness tasks on the loaded checkpoint; results beside it and in one table."""
     import jax
 
@@ -103,14 +96,15 @@ def run_tasks(f, directory, config, params, tokenizer_path, mesh, bind) -> None:
     from heft.eval import harness
     from heft.quantize import rules
 
-    if tokenizer_path is None:
-        raise CheckpointError(f"{directory} holds no tokenizer (tokenizer.model or tokenizer.json); the harness "
-                              "gives text, so it needs one: save the checkpoint with its tokenizer")
+    if loaded.tokenizer is None:
+        raise CheckpointError(f"{loaded.directory} holds no tokenizer (tokenizer.model or tokenizer.json); the "
+                              "harness gives text, so it needs one: save the checkpoint with its tokenizer")
     harness.task_manager(f.tasks)  # an unknown task stops here, before anything compiles
-    lm = harness.HeftLM(config, params, tokenizers.load(tokenizer_path), mesh, bind=bind,
+    config = loaded.config
+    lm = harness.HeftLM(config, loaded.params, tokenizers.load(loaded.tokenizer), loaded.mesh, bind=loaded.bind,
                         batch_size=f.batch_size or 16)
     summary = harness.summary(harness.evaluate(lm, f.tasks, f.limit, f.num_fewshot))
     weights = rules.describe(config) if rules.is_quantized(config) else config.model.param_dtype
     if jax.process_index() == 0:
-        path = harness.write_results(directory, summary, weights=weights, limit=f.limit)
+        path = harness.write_results(loaded.directory, summary, weights=weights, limit=f.limit)
         print(json.dumps(summary) if f.json else f"{harness.table(summary)}\nresults: {path}")

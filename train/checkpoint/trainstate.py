@@ -1,11 +1,10 @@
-"""Saving and restoring with orbax: whole train states for resuming, parameters for serving.
+"""The train state's checkpoints: async sharded saves, sealed in the background; resume from the newest sealed.
 
 A training checkpoint is WORKDIR/checkpoints/STEP/ with three orbax items: `state` (step, params,
-optimizer state: sharded arrays, no pickle), `data` (the loader's position) and `facts` (the
-config, the code version, the data's hashes and the tokenizer, so that a step can be sealed by a
-later process exactly as the run that wrote it would have). Once orbax has committed a save, the
-hosts hash it and process 0 writes the manifest and the seal (custody.py, manifest.py) — in a
-background thread, while training goes on. Only sealed steps are restored.
+optimizer state: sharded arrays, no pickle), `data` (the loader's position) and `facts` (facts.py).
+Once orbax has committed a save, the hosts hash it and process 0 writes the manifest and the seal
+(custody.py, manifest.py) — in a background thread, while training goes on. Only sealed steps are
+restored.
 
 What each failure leaves, and what the next start does:
 - killed while orbax writes a step: the step is uncommitted, and is removed;
@@ -13,31 +12,23 @@ What each failure leaves, and what the next start does:
 - the disk fills up: the run stops in one line naming the step and the newest complete one;
 - retention deletes old steps only after a newer one is sealed, seal first, so a half-deleted step
   is never taken for a complete one.
-A parameters-only checkpoint is a directory with `params/`, `config.json`, the tokenizer and a
-manifest. Both kinds restore onto any mesh: arrays are read straight into the shards the target
-mesh asks for, never gathered on one host.
 """
 
 import base64
 import dataclasses
 import datetime
-import hashlib
-import json
 import re
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import path as ocp_path
 
 from heft.model.checks import sparse
 from heft.train import custody, hosts, manifest, quiet, storage
+from heft.train.checkpoint.facts import (TOKENIZER, config_dict, data_facts, read_facts, seal_facts, tokenizer_bytes,
+                                         tokenizer_in)
 from heft.train.manifest import CheckpointError
 
-TOKENIZER = "tokenizer.model"
-# A checkpoint carries its tokenizer under the name of its kind: sentencepiece's tokenizer.model, or
-# Hugging Face's tokenizer.json (imported Llama 3, GPT-2...); `tokenizer_file` tells them apart.
-TOKENIZERS = (TOKENIZER, "tokenizer.json")
 ITEMS = ("state", "data", "facts")
 _TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 # Model fields that decide the parameters' shapes, dtypes or meaning: a checkpoint's must match.
@@ -48,68 +39,10 @@ PARAMETER_FIELDS = ("vocab", "width", "depth", "heads", "kv_heads", "head_dim", 
 MOE_PARAMETER_FIELDS = ("moe.experts", "moe.top_k", "moe.expert_width")
 
 
-def config_to_json(config) -> str:
-    return config.to_json(sort_keys=True)
-
-
-def config_from_json(text: str) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(json.loads(text))
-
-
-def _config_dict(config) -> dict:
-    return json.loads(config_to_json(config))
-
-
-def data_facts(prepared) -> dict:
-    """What identifies the data a run trains on: the tokenizer's and the corpus's hashes."""
-    if prepared is None:
-        return {}
-    meta = getattr(prepared, "metadata", {}) or {}
-    sources = [s.get("sha256", "") for s in meta.get("sources", [])]
-    return {
-        "corpus": meta.get("corpus"),
-        "corpus_sha256": hashlib.sha256("\n".join(sources).encode()).hexdigest() if sources else None,
-        "tokenizer_sha256": (meta.get("tokenizer") or {}).get("sha256"),
-        "documents": meta.get("documents"),
-        "tokens": meta.get("tokens"),
-    }
-
-
-def tokenizer_file(data: bytes) -> str:
-    """The name a checkpoint keeps tokenizer bytes under: tokenizer.json for JSON, else tokenizer.model."""
-    return TOKENIZERS[1] if data.lstrip()[:1] == b"{" else TOKENIZER
-
-
-def _tokenizer_in(directory, files) -> str | None:
-    """The path of the tokenizer a checkpoint's manifest lists, or None."""
-    name = next((n for n in TOKENIZERS if n in files), None)
-    return str(directory / name) if name else None
-
-
-def _tokenizer_bytes(prepared) -> bytes | None:
-    p = getattr(prepared, "tokenizer_path", None) if prepared is not None else None
-    return storage.path(p).read_bytes() if p and storage.path(p).exists() else None
-
-
 def committed(directory) -> bool:
     """Whether orbax finished writing the step at `directory` (renamed into place / commit file written)."""
     directory = storage.path(directory)
     return directory.exists() and ocp_path.step.is_checkpoint_finalized(directory)
-
-
-def read_facts(step_dir) -> dict:
-    """The `facts` item a training save wrote (what sealing needs)."""
-    return storage.read_json(storage.path(step_dir) / "facts" / "metadata")
-
-
-def _seal_facts(facts: dict) -> tuple[dict, dict]:
-    """(manifest facts, extra files to write beside the data) from a save's facts item."""
-    facts = dict(facts)
-    tokenizer = facts.pop("tokenizer_base64", None)
-    if not tokenizer:
-        return facts, {}
-    data = base64.b64decode(tokenizer)
-    return facts, {tokenizer_file(data): data}
 
 
 def _diff(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -138,7 +71,7 @@ class Resume:
 
     @property
     def tokenizer_path(self) -> str | None:
-        return _tokenizer_in(self.directory, self.manifest["files"])
+        return tokenizer_in(self.directory, self.manifest["files"])
 
 
 class Checkpointer:
@@ -246,7 +179,7 @@ class Checkpointer:
 
     def _seal(self, step: int) -> None:
         """Seals a committed step from its saved facts (every process calls it: the seal is collective)."""
-        facts, extra = _seal_facts(read_facts(self.step_dir(step)))
+        facts, extra = seal_facts(read_facts(self.step_dir(step)))
         custody.seal(self.step_dir(step), facts, self.process_index, self.process_count, extra_files=extra,
                      signing_key=self.config.checkpoint.get("signing_key") or None)
 
@@ -278,7 +211,7 @@ class Checkpointer:
         saved = resume.manifest.get("config", {})
         if "model" in saved and "mlp" not in saved["model"]:  # saved before model.mlp existed: dense
             saved = {**saved, "model": {**saved["model"], "mlp": "dense"}}
-        diffs = _diff(saved, _config_dict(self.config))
+        diffs = _diff(saved, config_dict(self.config))
         fields = PARAMETER_FIELDS + (("max_len",) if self.config.model.positions == "learned" else ())
         fields += MOE_PARAMETER_FIELDS if sparse(self.config.model) else ()
         model = [d for d in diffs if d[0].startswith("model.") and d[0][len("model."):] in fields]
@@ -336,7 +269,7 @@ class Checkpointer:
     def _facts(self, step: int) -> dict:
         t = self.config.train
         facts = {
-            "config": _config_dict(self.config),
+            "config": config_dict(self.config),
             "code_version": manifest.code_version(),
             "data": data_facts(self.prepared),
             "step": step,
@@ -346,7 +279,7 @@ class Checkpointer:
             **self.facts,
         }
         if self._tokenizer_of is not self.prepared:  # read once per data, not at every save
-            tokenizer = _tokenizer_bytes(self.prepared)
+            tokenizer = tokenizer_bytes(self.prepared)
             self._tokenizer_b64 = base64.b64encode(tokenizer).decode() if tokenizer is not None else None
             self._tokenizer_of = self.prepared
         if self._tokenizer_b64 is not None:
@@ -363,7 +296,7 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(loader_state),
             facts=ocp.args.JsonSave(facts)), force=True)
-        self.custodian.add(step, self.step_dir(step), *_seal_facts(facts))
+        self.custodian.add(step, self.step_dir(step), *seal_facts(facts))
         if not self.config.checkpoint.async_save:
             self.wait()
 
@@ -436,134 +369,3 @@ class Checkpointer:
         what = f"saving step {failed}" if failed is not None else f"writing {writer_path or self.directory}"
         return CheckpointError(f"no space left on {storage.device_of(self.directory)} while {what}; "
                                f"the newest complete checkpoint is {newest}")
-
-
-# Parameters-only checkpoints.
-
-
-def save_params(directory: str, config, params: dict, tokenizer_path: str | None = None, **facts) -> None:
-    """A parameters-only checkpoint (for serving, evaluation, conversion): smaller than a train state."""
-    directory = storage.path(directory)
-    if (directory / "params").exists() or (directory.exists() and not directory.is_dir()):
-        raise CheckpointError(f"{directory} already exists and is not an empty directory; choose a new one")
-    quiet.failed_save_echoes()
-    with storage.whole_or_removed(directory, CheckpointError, remover=jax.process_index() == 0):
-        if jax.process_index() == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(directory / "params", params)
-            ckptr.wait_until_finished()
-        extra = {"config.json": config_to_json(config).encode()}
-        if tokenizer_path:
-            data = storage.path(tokenizer_path).read_bytes()
-            extra[tokenizer_file(data)] = data
-        all_facts = {"config": _config_dict(config), "code_version": manifest.code_version(), **facts}
-        custody.seal(directory, all_facts, jax.process_index(), jax.process_count(), extra_files=extra)
-    hosts.barrier("params saved")
-
-
-def export_params(source, out) -> str:
-    """A parameters-only checkpoint at `out` from a training checkpoint or workdir; returns the source step."""
-    source = resolve(source)
-    config, params, tokenizer = load_params(source)
-    facts = manifest.read(source)
-    save_params(out, config, params, tokenizer, step=facts.get("step"), tokens_seen=facts.get("tokens_seen"),
-                exported_from=str(source))
-    return str(source)
-
-
-def _step_dirs(path) -> list:
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    return [root / d for d in sorted((p.name for p in root.iterdir() if p.name.isdigit()), key=int)]
-
-
-def is_checkpoint(path) -> bool:
-    """A single checkpoint: sealed, or holding a train state or parameters (perhaps unsealed)."""
-    path = storage.path(path)
-    return manifest.is_sealed(path) or any((path / item).is_dir() for item in ("state", "params"))
-
-
-def checkpoints_in(path) -> list:
-    """The checkpoint directories `path` names: itself, or each step of a workdir / checkpoints folder."""
-    path = storage.path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass a workdir, a step directory "
-                              "or a parameters-only checkpoint")
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is a file, not a checkpoint; pass a workdir, a step directory "
-                              "or a parameters-only checkpoint directory")
-    return [path] if is_checkpoint(path) else _step_dirs(path)
-
-
-def resolve(path: str):
-    """A checkpoint directory from a workdir, a checkpoints/ dir, a step dir or a params-only dir:
-    for a workdir, its newest sealed step."""
-    candidates = checkpoints_in(path)
-    for candidate in reversed(candidates):
-        if manifest.is_sealed(candidate):
-            return candidate
-        if len(candidates) > 1 or candidate != storage.path(path):
-            print(f"heft: skipping incomplete checkpoint {candidate}", flush=True)
-    if len(candidates) == 1 and candidates[0] == storage.path(path):
-        raise CheckpointError(f"{path} has no {manifest.SEAL}: its save never completed; use an earlier checkpoint")
-    raise CheckpointError(f"{storage.path(path)} holds no complete checkpoint; train first or pass another directory")
-
-
-def serving_mesh(config):
-    """Parameters split over every device (fsdp), so any model that fits the devices loads."""
-    from heft.train import sharding
-
-    config = config.copy_and_resolve_references()
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
-    config.mesh.slices = 1  # where it serves, not the slices it trained on
-    if "expert" in config.mesh:  # nor the expert parallelism it trained with: experts split by fsdp alone
-        config.mesh.expert = 1
-    return sharding.make_mesh(config)
-
-
-def read_config(directory) -> ml_collections.ConfigDict:
-    """The config a checkpoint was saved with (from its manifest)."""
-    return config_from_json(json.dumps(manifest.read(resolve(directory))["config"]))
-
-
-def load_params(directory, mesh=None, verify: bool = True, config=None, target=None):
-    """(config, params, tokenizer path or None) from any checkpoint, placed on `mesh` if given
-    (default: `serving_mesh`). `config` replaces the checkpoint's own (e.g. with another mesh or
-    batch size); its model fields must match. `target(config, mesh)` gives the tree of
-    ShapeDtypeStructs (with shardings) to read instead of the model's float parameters: a
-    quantized checkpoint's integers and scales (heft.quantize)."""
-    from heft.model.decoder import abstract_params
-    from heft.train import sharding
-
-    directory = resolve(directory)
-    if verify:
-        facts = custody.verify(directory, jax.process_index(), jax.process_count(), gather=hosts.gather_ints())
-    else:
-        facts = manifest.read(directory)
-    if "finetune" in facts:  # heft.adapt reads these, with their base
-        raise CheckpointError(f"{directory} is a fine-tune of {facts['finetune']['base']['path']} and holds only the "
-                              "weights it trained; heft eval and heft generate read it with its base, and "
-                              "heft merge writes the whole model for everything else")
-    if config is None:
-        config = config_from_json(json.dumps(facts["config"]))
-    quantized = config.get("quantize", {}).get("weights", "none")
-    if target is None and quantized != "none" and not config.quantize.get("qat", False):
-        raise CheckpointError(f"{directory} holds {quantized} weights (heft quantize); heft eval and heft generate "
-                              "read it, everything else needs the float checkpoint it was quantized from")
-    mesh = mesh if mesh is not None else serving_mesh(config)
-    if target is not None:
-        abstract = target(config, mesh)
-    else:
-        shardings = sharding.param_dict_shardings(config.model, mesh, config)
-        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                abstract_params(config.model), shardings)
-    if (directory / "params").is_dir():
-        with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(directory / "params", abstract)
-    else:  # a training checkpoint: read only the parameters out of the train state
-        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), abstract)
-        with ocp.PyTreeCheckpointer() as ckptr:
-            state = ckptr.restore(directory / "state", args=ocp.args.PyTreeRestore(
-                item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True))
-        params = state["params"]
-    return config, params, _tokenizer_in(directory, facts["files"])

@@ -1,0 +1,76 @@
+"""What a checkpoint records besides its arrays: the config as JSON, the data's hashes, the tokenizer.
+
+A training save writes these as its `facts` item, so that a later process can seal the step exactly
+as the run that wrote it would have; the manifest (train/manifest.py) carries them for every reader.
+"""
+
+import base64
+import hashlib
+import json
+
+import ml_collections
+
+from heft.train import storage
+
+TOKENIZER = "tokenizer.model"
+# A checkpoint carries its tokenizer under the name of its kind: sentencepiece's tokenizer.model, or
+# Hugging Face's tokenizer.json (imported Llama 3, GPT-2...); `tokenizer_file` tells them apart.
+TOKENIZERS = (TOKENIZER, "tokenizer.json")
+
+
+def config_to_json(config) -> str:
+    return config.to_json(sort_keys=True)
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(json.loads(text))
+
+
+def config_dict(config) -> dict:
+    return json.loads(config_to_json(config))
+
+
+def data_facts(prepared) -> dict:
+    """What identifies the data a run trains on: the tokenizer's and the corpus's hashes."""
+    if prepared is None:
+        return {}
+    meta = getattr(prepared, "metadata", {}) or {}
+    sources = [s.get("sha256", "") for s in meta.get("sources", [])]
+    return {
+        "corpus": meta.get("corpus"),
+        "corpus_sha256": hashlib.sha256("\n".join(sources).encode()).hexdigest() if sources else None,
+        "tokenizer_sha256": (meta.get("tokenizer") or {}).get("sha256"),
+        "documents": meta.get("documents"),
+        "tokens": meta.get("tokens"),
+    }
+
+
+def tokenizer_file(data: bytes) -> str:
+    """The name a checkpoint keeps tokenizer bytes under: tokenizer.json for JSON, else tokenizer.model."""
+    return TOKENIZERS[1] if data.lstrip()[:1] == b"{" else TOKENIZER
+
+
+def tokenizer_in(directory, files) -> str | None:
+    """The path of the tokenizer a checkpoint's manifest lists, or None."""
+    name = next((n for n in TOKENIZERS if n in files), None)
+    return str(directory / name) if name else None
+
+
+def tokenizer_bytes(prepared) -> bytes | None:
+    p = getattr(prepared, "tokenizer_path", None) if prepared is not None else None
+    return storage.path(p).read_bytes() if p and storage.path(p).exists() else None
+
+
+def read_facts(step_dir) -> dict:
+    """The `facts` item a training save wrote (what sealing needs)."""
+    return storage.read_json(storage.path(step_dir) / "facts" / "metadata")
+
+
+def seal_facts(facts: dict) -> tuple[dict, dict]:
+    """(manifest facts, extra files to write beside the data) from a save's facts item."""
+    facts = dict(facts)
+    tokenizer = facts.pop("tokenizer_base64", None)
+    if not tokenizer:
+        return facts, {}
+    data = base64.b64decode(tokenizer)
+    return facts, {tokenizer_file(data): data}
