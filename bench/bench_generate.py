@@ -21,7 +21,7 @@ from flax import nnx
 
 from heft.configs import base, tiny
 from heft.eval.generate import full_forward_generate, generate
-from heft.model.decoder import Decoder
+from heft.model import build
 
 CONFIGS = {"tiny": tiny.get_config, "base": base.get_config}
 
@@ -39,7 +39,7 @@ def seconds(fn) -> float:
 
 def bench(name: str, batch: int, new: int, repeats: int) -> list[dict]:
     c = CONFIGS[name]()
-    model = Decoder(c.model, nnx.Rngs(0))
+    model = build.create(c.model)
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     ps = prompts(batch, c.model.vocab)
     runs = {

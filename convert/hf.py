@@ -175,7 +175,7 @@ def import_hf(hf_dir: str, mesh=None, config_overrides: dict | None = None):
     config_overrides: dotted config fields to set, e.g. {"model.param_dtype": "bfloat16"}
       (parameters are float32 by default: bfloat16 weights widen exactly).
     Returns (config, params): a heft ConfigDict and an nnx.State of nnx.Param shaped like
-    `nnx.state(Decoder(config.model, ...), nnx.Param)` (`nnx.to_pure_dict` gives the nested dict
+    `nnx.state(build.create(config.model), nnx.Param)` (`nnx.to_pure_dict` gives the nested dict
     `heft.train.checkpoint.save_params` takes).
     Raises ConvertError for an unsupported architecture, a missing, unexpected or misshapen
     tensor, and pickled weights, before any weight is read.

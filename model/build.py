@@ -5,11 +5,12 @@ heft has two families, named by `model.family`:
 - `decoder`: Llama- and GPT-2-style decoders, dense or a mixture of experts (decoder.py);
 - `encoder_decoder`: T5-style, a bidirectional encoder read by a causal decoder (encoder_decoder.py).
 
-Each is registered once, as a `Family`: its class and how a batch (data/loader.py, data/seq2seq.py)
-runs through it, and what a step of it costs (cost.py). Every stage outside `model/` builds and calls models through the functions below,
-so no stage branches on the family it holds; a new family is one entry in `FAMILIES` (and, to
-generate text, one in eval/text.py's table of decoding loops). Parameters travel as nested dicts of arrays (what orbax saves and
-optax updates); `bind` turns them back into a module, cheaply under jit.
+Each is registered once, as a `Family`: its class, how a batch (data/rows.py) runs through it, and
+what a step of it costs (cost.py). Every stage outside `model/` builds and calls models through the
+functions below, so no stage branches on the family it holds; a new family is one entry in
+`FAMILIES` (and, to generate text, one in eval/text.py's table of decoding loops). Parameters travel
+as nested dicts of arrays (what orbax saves and optax updates); `bind` turns them back into a
+module, cheaply under jit.
 """
 
 import dataclasses
@@ -24,9 +25,8 @@ from heft.model.encoder_decoder import EncoderDecoder
 
 def _decoder_forward(model, batch: dict):
     """A decoder over a batch of [batch, length] inputs, positions and segment ids."""
-    out = model(batch["inputs"], batch["positions"], batch["segment_ids"], return_router_losses=True)
-    logits, router = out
-    return logits, router or {}
+    logits, router = model(batch["inputs"], batch["positions"], batch["segment_ids"], return_router_losses=True)
+    return logits, router or {}  # router: None for a dense model
 
 
 def _encoder_decoder_forward(model, batch: dict):

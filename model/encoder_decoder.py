@@ -34,7 +34,7 @@ from flax import nnx
 from heft.model import checks, dense, init, precision
 from heft.model.attention import Attention
 from heft.model.axes import constrain
-from heft.model.decoder import REMAT_POLICIES, init_cache, remat_policy  # noqa: F401  (init_cache: the decoder's cache is the same)
+from heft.model.decoder import REMAT_POLICIES, remat_policy
 from heft.model.mlp import MLP
 from heft.model.norms import Norm
 from heft.model.relative import RelativeBias
@@ -165,8 +165,8 @@ class EncoderDecoder(nnx.Module):
         tokens: [batch, length] int. encoded: `encode`'s output [batch, input_length, embed], or None
         when `cross` holds its keys and values already (`cross_keys_values`, for decoding).
         segment_ids, encoder_segment_ids: as in __call__ (None: one example, no padding).
-        cache: None, or the per-layer (keys, values, end) of `init_cache`: `tokens` continue each row
-        at slot `end` and (logits, cache) is returned.
+        cache: None, or the per-layer (keys, values, end) of `decoder.init_cache` (a decoder's cache):
+        `tokens` continue each row at slot `end` and (logits, cache) is returned.
         """
         m = self.m
         batch, length = tokens.shape
