@@ -75,7 +75,7 @@ def test_lora_fine_tunes_both_stacks_on_pairs_and_generates(pretrained):
     c.finetune.lora_targets = "q|v"
     summary = finetune.finetune(c, straight, str(root / "lora"))
     assert np.isfinite(summary["eval_loss"])
-    run, params, tokenizer = load.load_params(str(root / "lora"))
+    run, params, tokenizer = _whole(str(root / "lora"))
     saved = checkpoint.read_config(str(root / "lora"))
     assert saved.finetune.method == "lora" and run.model.family == "encoder_decoder"
     trained = load.trainable.names(run)
@@ -84,3 +84,12 @@ def test_lora_fine_tunes_both_stacks_on_pairs_and_generates(pretrained):
     assert summary["trainable_params"] == 2 * 3 * 8 * (32 + 32)  # q and v of 3 attentions: rank 8 x (in + out)
     out = seq2seq.generate(bind(run.model, params), [[5, 6, 7, 3]], 6)
     assert len(out) == 1 and 1 <= len(out[0]) <= 6
+
+
+def _whole(directory):
+    """(config, params, tokenizer) of a fine-tune read through the one loader (the base made whole)."""
+    from heft.train import checkpoint
+
+    loaded = checkpoint.load(directory)
+    assert loaded.kind == load.KIND
+    return loaded.config, loaded.params, loaded.tokenizer

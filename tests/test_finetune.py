@@ -96,7 +96,7 @@ def test_merged_lora_equals_the_unmerged_fine_tune_and_exports_as_a_plain_model(
     workdir, _ = _finetuned(base, "lora")
     out = str(root / "merged")
     load.merge(workdir, out)
-    run, unmerged, _ = load.load_params(workdir)
+    run, unmerged, _ = _whole(workdir)
     config, merged, tokenizer = checkpoint.load_params(out)  # a plain model: no LoRA, no base lookup
     assert tokenizer is not None and build.abstract_params(config.model).keys() == merged.keys()
     tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, 512)
@@ -143,7 +143,7 @@ def test_cli_resumes_bit_for_bit_refuses_another_base_then_evaluates_and_generat
     r = _heft("eval", f"--checkpoint={split}", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     evaluated = json.loads(r.stdout.strip().splitlines()[-1])
-    run, params, tokenizer = load.load_params(straight)
+    run, params, tokenizer = _whole(straight)
     np.testing.assert_allclose(evaluated["eval_loss"], _task_loss(run, params, tokenizer), rtol=1e-5)
     r = _heft("generate", f"--checkpoint={split}", "--prompt=Of Mans First Disobedience\n", "--max_new_tokens=8",
               "--temperature=0")
@@ -179,3 +179,12 @@ def test_a_llama_imported_from_hugging_face_fine_tunes_as_a_heft_checkpoint_does
     run = checkpoint.read_config(workdir)
     assert run.data.document_start == "bos" and run.model.vocab == 384  # Llama's: every example leads with BOS
     jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(checkpoint.load_params(llama)[1]))
+
+
+def _whole(directory):
+    """(config, params, tokenizer) of a fine-tune read through the one loader (the base made whole)."""
+    from heft.train import checkpoint
+
+    loaded = checkpoint.load(directory)
+    assert loaded.kind == load.KIND
+    return loaded.config, loaded.params, loaded.tokenizer

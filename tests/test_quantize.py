@@ -110,7 +110,8 @@ def test_quantized_checkpoint_restores_bit_for_bit_on_another_mesh(tmp_path, flo
         assert np.array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
     # int4 is stored packed: half a byte per value, plus what stays float.
     if weights == "int4":
-        stored = checkpoint.load_params(str(tmp_path / "q"), target=qcheckpoint._stored_abstract)[1]
+        directory = checkpoint.resolve(str(tmp_path / "q"))
+        stored = checkpoint.read_params(directory, qcheckpoint._stored_abstract(c, checkpoint.serving_mesh(c)))
         assert stored["blocks"]["mlp"]["down"]["array"]["qvalue"].dtype == jnp.uint8
 
 
