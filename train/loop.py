@@ -5,6 +5,22 @@ loop on its own slice of the batch; only process 0 writes metrics. What it train
 pretraining's is the whole model (`pretraining()`); a fine-tune's (heft.adapt) is a few weights
 beside a frozen base. Data, steps, metrics, held-out loss, checkpoints, preemption and resume are
 this one loop for both.
+
+`_train` reads as the run's phases, each its own function:
+
+    _resume    the newest sealed checkpoint, checked against this trainee and config
+    _prepare   the tokenized data (again, with the checkpoint's tokenizer, where it must be)
+    _build     remat chosen, the program made, the state restored, the step compiled, a `_Session`
+    _run       the steps; at each one `_step`, and where due `_log`, `_evaluate`, `_stop`, `_save`
+    _summary   the dict `train` returns
+
+The split follows what each phase may end in. The first two can end the run before anything
+compiles (`already_done`, `stopped_preparing`: `_train` closes the checkpointer and returns), so
+they stay cheap. `_build` is everything paid once per session (start-up and compile time, the
+session's first goodput row). `_run` is the steps, and every way out of them closes the loader,
+writer and progress bar; `_failure` turns what a run can meet there (a full disk, a lost peer) into
+one line. What `_build` fixes is a `_Session`; what the steps add up (step, losses, the interval a
+metrics row times) is a `_Tally`, the one thing `_run`'s phases change, and `_summary` reads it.
 """
 
 import dataclasses
@@ -133,69 +149,111 @@ def _note(text: str) -> None:
         print(text, flush=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Session:
+    """What one session's steps read, fixed once `_build` has compiled the step."""
+
+    config: object  # with remat=auto resolved to what the step runs
+    mesh: object
+    program: Program
+    step_fn: Callable  # compiled: (state, *program.frozen, batch) -> (state, metrics)
+    prepared: object  # the tokenized data (data/processes.py)
+    ckpt: checkpoint.Checkpointer
+    held: lock.WorkdirLock | None  # process 0's lock on the workdir; None elsewhere
+    loader: data_loader.Loader
+    writer: metrics.Writer
+    progress: metrics.Progress
+    batch_sharding: object  # how a [batch, length] token array is laid out on the mesh
+    report: dict  # size.report: parameters and FLOPs per step
+    machine_peak: float  # FLOP/s of all devices, before the run remeasures it
+    compile_s: float
+    start: int  # the step this session starts from
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.train.batch_size * self.config.train.seq_len
+
+
+@dataclasses.dataclass
+class _Tally:
+    """What the steps of one session add up; the summary is made from it."""
+
+    step: int
+    peak_flops: float  # remeasured at each log step (peak.remeasured)
+    losses: list = dataclasses.field(default_factory=list)  # training loss at each log step
+    eval_loss: float | None = None  # the latest held-out loss
+    skipped: int = 0  # steps whose non-finite update was skipped
+    last: dict = dataclasses.field(default_factory=dict)  # the latest metrics row
+    pending: tuple | None = None  # (step, metrics) not yet checked finite: one step late, so dispatch stays ahead
+    stopped_at: int | None = None  # where a requested stop saved
+    goodput: dict | None = None  # goodput.summarize over every session, once the run ends or stops
+    # The interval since the last metrics row: its start, its steps, and the time in it spent on
+    # evaluations and saves rather than steps.
+    interval_start: float = dataclasses.field(default_factory=time.perf_counter)
+    interval_steps: int = 0
+    paused: float = 0.0
+
+
 def _train(config, workdir, mesh, stop_requested, held, compile_checked, trainee, predict_step) -> dict:
-    t = config.train
+    """`train` once the workdir is held: the run's phases in order (the module docstring says why these)."""
     ckpt = checkpoint.Checkpointer(workdir, config, note=_note, facts=trainee.facts)
+    resume = _resume(ckpt, trainee)
+    if resume is not None and resume.step >= config.train.steps:
+        ckpt.close()
+        return {"already_done": resume.step, "steps": config.train.steps}
+    try:
+        prepared, new_corpus = _prepare(config, ckpt, resume, trainee.tokenizer_path, stop_requested)
+    except PrepareStopped:
+        ckpt.close()
+        return {"stopped_preparing": resume.step if resume is not None else 0}
+    ckpt.prepared = prepared
+    session, state = _build(config, mesh, workdir, ckpt, resume, prepared, new_corpus, held, trainee,
+                            compile_checked, predict_step)
+    tally = _run(session, state, stop_requested)
+    if tally.stopped_at is not None:
+        return {"stopped_at": tally.stopped_at, "goodput": tally.goodput}
+    return _summary(session, tally)
+
+
+def _resume(ckpt, trainee):
+    """The newest sealed checkpoint (a `checkpoint.Resume`), or None for a fresh run. Raises
+    CheckpointError where the trainee must not continue it; notes each setting changed since."""
     resume = ckpt.latest()
     if resume is not None:
         trainee.check(resume)
         for change in ckpt.check_config(resume):
             _note(f"heft: resuming with a changed setting: {change}")
-        if resume.step >= t.steps:
-            ckpt.close()
-            return {"already_done": resume.step, "steps": t.steps}
+    return resume
+
+
+def _prepare(config, ckpt, resume, tokenizer_path, stop_requested) -> tuple:
+    """(prepared data, whether the corpus is new since `resume`). Data tokenized otherwise than the
+    checkpoint's is tokenized again with the checkpoint's own tokenizer. Raises PrepareStopped."""
     # A preemption while a large corpus is tokenized stops it there (its partial store removed) rather
     # than after it, past the grace period; `stop_requested.signalled` where the caller's stop has one.
     stop = getattr(stop_requested, "signalled", lambda: False)
-    try:
-        prepared = prepare_data(config, trainee.tokenizer_path, stop=stop)
-        new_corpus = False
-        if resume is not None and ckpt.check_data(resume, prepared) == "retokenize":
-            new_corpus = (resume.manifest.get("data", {}).get("corpus_sha256")
-                          != checkpoint.data_facts(prepared)["corpus_sha256"])
-            _note(f"heft: tokenizing {'the new corpus' if new_corpus else 'the corpus'} with the checkpoint's own "
-                  "tokenizer")
-            prepared = prepare_data(config, tokenizer_path=resume.tokenizer_path, stop=stop)
-    except PrepareStopped:
-        ckpt.close()
-        return {"stopped_preparing": resume.step if resume is not None else 0}
-    ckpt.prepared = prepared
+    prepared = prepare_data(config, tokenizer_path, stop=stop)
+    if resume is None or ckpt.check_data(resume, prepared) != "retokenize":
+        return prepared, False
+    new_corpus = (resume.manifest.get("data", {}).get("corpus_sha256")
+                  != checkpoint.data_facts(prepared)["corpus_sha256"])
+    _note(f"heft: tokenizing {'the new corpus' if new_corpus else 'the corpus'} with the checkpoint's own "
+          "tokenizer")
+    return prepare_data(config, tokenizer_path=resume.tokenizer_path, stop=stop), new_corpus
 
-    # The checkpoint keeps remat=auto (what the user asked for); the step runs what auto chose.
-    checked_start = time.perf_counter()  # choosing and the TPU fit check compile the step: compilation time
-    chosen = remat.resolve(config, mesh, predict_step, note=_note)
-    config = remat.with_remat(config, chosen.remat) if chosen is not None else config
-    program = trainee.make(config, mesh)
-    abstract, frozen = program.abstract_state, program.frozen
-    step_fn = compile_checked(config, mesh) if compile_checked is not None else None
-    if step_fn is None and chosen is not None and trainee.plain_step:
-        step_fn = chosen.executable  # timed here, so already compiled (None when cached or predicted)
-    checked_s = time.perf_counter() - checked_start
-    loader_state = None
-    if resume is None:
-        state = program.init_state()
-    else:
-        state, loader_state = ckpt.restore(resume, abstract)
-        if new_corpus:
-            _note("heft: the corpus changed (checkpoint.allow_data_change): reading it from its start")
-            loader_state = None
+
+def _build(config, mesh, workdir, ckpt, resume, prepared, new_corpus, held, trainee, compile_checked,
+           predict_step) -> tuple:
+    """(`_Session`, train state): the step compiled, the state made or restored, the loader at the
+    checkpoint's position, and the session's first ledger row (start-up and compile time) written."""
+    config, program, step_fn, checked_s = _program(config, mesh, trainee, compile_checked, predict_step)
+    state, loader_state = _restore(ckpt, resume, program, new_corpus)
     start = int(state["step"])
-
+    t = config.train
     report = size.report(config, t.batch_size, t.seq_len)
-    flops_per_step = report["flops_per_step"]
-    tokens_per_step = t.batch_size * t.seq_len
-    peak_flops = peak.machine_peak(config)
+    machine_peak = peak.machine_peak(config)
     batch_sharding = sharding.batch_sharding(config, mesh)
-
-    with sharding.activated(mesh, config):
-        compile_start = time.perf_counter()
-        if step_fn is None:
-            step_fn = program.train_step.lower(abstract, *frozen, compiled.abstract_batch(config, mesh)).compile()
-        compile_s = time.perf_counter() - compile_start + checked_s
-
-    def eval_fn(params, batch):
-        return program.eval_step(params, *frozen, batch)
-
+    step_fn, compile_s = _compile(config, mesh, program, step_fn, checked_s)
     loader = make_loader(config, prepared)
     if loader_state is not None:
         loader.restore(loader_state)
@@ -207,103 +265,124 @@ def _train(config, workdir, mesh, stop_requested, held, compile_checked, trainee
     trained = f" ({program.trainable:,} trained)" if program.trainable is not None else ""
     progress.note(f"{report['total_params']:,} parameters{trained} on mesh {dict(mesh.shape)}; "
                   f"step compiled in {compile_s:.1f} s")
+    session = _Session(config, mesh, program, step_fn, prepared, ckpt, held, loader, writer, progress,
+                       batch_sharding, report, machine_peak, compile_s, start)
+    return session, state
 
-    losses, eval_loss, skipped = [], None, 0
-    interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0  # paused: evals and saves
-    step = start
-    last = {}
-    pending = None  # the previous step's metrics: checked one step late so dispatch stays ahead
+
+def _program(config, mesh, trainee, compile_checked, predict_step) -> tuple:
+    """(config with remat chosen, Program, the compiled step or None, seconds spent compiling so far)."""
+    # The checkpoint keeps remat=auto (what the user asked for); the step runs what auto chose.
+    checked_start = time.perf_counter()  # choosing and the TPU fit check compile the step: compilation time
+    chosen = remat.resolve(config, mesh, predict_step, note=_note)
+    config = remat.with_remat(config, chosen.remat) if chosen is not None else config
+    program = trainee.make(config, mesh)
+    step_fn = compile_checked(config, mesh) if compile_checked is not None else None
+    if step_fn is None and chosen is not None and trainee.plain_step:
+        step_fn = chosen.executable  # timed here, so already compiled (None when cached or predicted)
+    return config, program, step_fn, time.perf_counter() - checked_start
+
+
+def _restore(ckpt, resume, program, new_corpus) -> tuple:
+    """(train state, the loader's saved position or None to read from the start)."""
+    if resume is None:
+        return program.init_state(), None
+    state, loader_state = ckpt.restore(resume, program.abstract_state)
+    if new_corpus:
+        _note("heft: the corpus changed (checkpoint.allow_data_change): reading it from its start")
+        loader_state = None
+    return state, loader_state
+
+
+def _compile(config, mesh, program, step_fn, checked_s) -> tuple:
+    """(compiled step, compile seconds including `checked_s`), compiling it unless `step_fn` already is."""
+    with sharding.activated(mesh, config):
+        compile_start = time.perf_counter()
+        if step_fn is None:
+            step_fn = program.train_step.lower(program.abstract_state, *program.frozen,
+                                               compiled.abstract_batch(config, mesh)).compile()
+        return step_fn, time.perf_counter() - compile_start + checked_s
+
+
+def _run(s: _Session, state, stop_requested) -> _Tally:
+    """Steps from `s.start` to `train.steps`, or to a requested stop (`tally.stopped_at`). Every exit
+    closes the loader, progress bar and metrics; a full disk or a lost peer is raised as one line."""
+    t = s.config.train
+    tally = _Tally(step=s.start, peak_flops=s.machine_peak)
     try:
-        while step < t.steps:
-            batch = data_loader.global_batch(loader.next(), batch_sharding)
-            state, step_metrics = step_fn(state, *frozen, batch)
-            step += 1
-            interval_steps += 1
-            if pending is not None:
-                skipped += _check_finite(pending, t, progress)
-            pending = (step, step_metrics)
-            if step % t.log_every == 0 or step == t.steps:
-                skipped += _check_finite(pending, t, progress)
-                pending = None
-                if held is not None:
-                    held.check()
-                values = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "finite"}
-                elapsed = time.perf_counter() - interval_start - paused
-                step_time = elapsed / interval_steps
-                peak_flops = peak.remeasured(config, peak_flops, flops_per_step / step_time)
-                values.update(
-                    tokens_per_s=tokens_per_step / step_time,
-                    step_time_s=step_time,
-                    mfu=flops_per_step / step_time / peak_flops,
-                    memory_gb=metrics.memory_in_use_bytes() / 2**30,
-                    tokens_seen=step * tokens_per_step,
-                    train_s=elapsed,  # goodput: seconds in steps since the previous row
-                )
-                losses.append(values["loss"])
-                writer.write(step, values)
-                progress.update(step, values)
-                last = values
-                interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
-            if step % t.eval_every == 0 or step == t.steps:
-                eval_loss, eval_s = goodput.timed(
-                    state, lambda: heldout_loss(config, mesh, eval_fn, state["params"], prepared))
-                writer.write(step, {"eval_loss": eval_loss, "eval_s": eval_s})
-                progress.note(f"step {step}: held-out loss {eval_loss:.4f}")
-                paused += eval_s  # eval time is not step time
-            if stop_requested(step) and step < t.steps:
-                _, save_s = goodput.timed(state, lambda: (ckpt.save(step, state, loader.state()), ckpt.close()))
-                writer.write(step, {"checkpoint_s": save_s})
-                progress.note(f"stopped at step {step}: checkpoint saved in {ckpt.directory}")
-                return {"stopped_at": step, "goodput": goodput.summarize(writer.rows())}
-            if step % t.checkpoint_every == 0 or step == t.steps:
-                _, save_s = goodput.timed(state, lambda: ckpt.save(step, state, loader.state()))
-                writer.write(step, {"checkpoint_s": save_s})
-                paused += save_s
-        if pending is not None:
-            skipped += _check_finite(pending, t, progress)
-        _, close_s = goodput.timed(state, ckpt.close)  # the last save, finishing in the background
-        writer.write(step, {"checkpoint_s": close_s})
-        run_goodput = goodput.summarize(writer.rows())
+        while tally.step < t.steps:
+            state, step_metrics = _step(s, tally, state)
+            if _due(tally.step, t.log_every, t.steps):
+                _log(s, tally, step_metrics)
+            if _due(tally.step, t.eval_every, t.steps):
+                _evaluate(s, tally, state)
+            if stop_requested(tally.step) and tally.step < t.steps:
+                _stop(s, tally, state)
+                return tally
+            if _due(tally.step, t.checkpoint_every, t.steps):
+                _save(s, tally, state)
+        _finish(s, tally, state)
     except Exception as e:
-        if storage.no_space(e):
-            raise ckpt.out_of_space(e, writer_path=getattr(writer, "path", None)) from None
-        if hosts.peer_lost(e):
-            newest = ckpt.newest_complete()
-            raise hosts.PeerLost(f"lost another process of the run near step {step} ({str(e).splitlines()[0]}); "
-                                 f"the newest complete checkpoint is {newest}: start every process again with the "
-                                 "same command to resume from it") from None
-        raise
+        failure = _failure(e, s.ckpt, s.writer, tally.step)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
-        loader.close()
-        progress.close()
-        try:
-            writer.close()
-        except OSError:  # a full disk is reported above; metrics are not worth a second error
-            pass
-    from heft.data.stats import unigram_cross_entropy
-
-    return {
-        "params": report["total_params"],
-        "trainable_params": program.trainable if program.trainable is not None else report["total_params"],
-        "unigram_loss": unigram_cross_entropy(prepared),
-        "steps": step,
-        "tokens_seen": step * tokens_per_step,
-        "train_loss": float(np.mean(losses[-3:])) if losses else None,
-        "eval_loss": eval_loss,
-        "tokens_per_s": last.get("tokens_per_s"),
-        "mfu": last.get("mfu"),
-        "compile_s": compile_s,
-        "skipped_steps": skipped,
-        "peak_flops": peak_flops,
-        "goodput": run_goodput,
-    }
+        _close(s)
+    return tally
 
 
-def _check_finite(pending, t, progress) -> int:
-    """0 if the step's loss was finite; else stops the run or counts a skipped step, by config."""
-    step, step_metrics = pending
+def _due(step: int, every: int, steps: int) -> bool:
+    """Whether what is done every `every` steps, and at the last, is done at `step`."""
+    return step % every == 0 or step == steps
+
+
+def _step(s: _Session, tally: _Tally, state) -> tuple:
+    """(state, metrics) after one step, dispatched; the step before it checked finite."""
+    batch = data_loader.global_batch(s.loader.next(), s.batch_sharding)
+    state, step_metrics = s.step_fn(state, *s.program.frozen, batch)
+    tally.step += 1
+    tally.interval_steps += 1
+    _settle(tally, s.config.train, s.progress)
+    tally.pending = (tally.step, step_metrics)
+    return state, step_metrics
+
+
+def _log(s: _Session, tally: _Tally, step_metrics: dict) -> None:
+    """A metrics row: the step's metrics, its throughput over the interval since the last row, and
+    that interval's step time for goodput (`train_s`). Waits for the step; checks the lock is ours."""
+    _settle(tally, s.config.train, s.progress)
+    if s.held is not None:
+        s.held.check()
+    values = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "finite"}
+    elapsed = time.perf_counter() - tally.interval_start - tally.paused
+    step_time = elapsed / tally.interval_steps
+    flops_per_step = s.report["flops_per_step"]
+    tally.peak_flops = peak.remeasured(s.config, tally.peak_flops, flops_per_step / step_time)
+    values.update(
+        tokens_per_s=s.tokens_per_step / step_time,
+        step_time_s=step_time,
+        mfu=flops_per_step / step_time / tally.peak_flops,
+        memory_gb=metrics.memory_in_use_bytes() / 2**30,
+        tokens_seen=tally.step * s.tokens_per_step,
+        train_s=elapsed,  # goodput: seconds in steps since the previous row
+    )
+    tally.losses.append(values["loss"])
+    s.writer.write(tally.step, values)
+    s.progress.update(tally.step, values)
+    tally.last = values
+    tally.interval_start, tally.interval_steps, tally.paused = time.perf_counter(), 0, 0.0
+
+
+def _settle(tally: _Tally, t, progress) -> None:
+    """Checks the pending step's loss was finite: a non-finite one stops the run (NonFiniteLoss) or
+    counts a skipped step, by `train.on_nonfinite`."""
+    if tally.pending is None:
+        return
+    step, step_metrics = tally.pending
+    tally.pending = None
     if bool(step_metrics["finite"]):
-        return 0
+        return
     if t.on_nonfinite == "stop":
         raise NonFiniteLoss(
             f"loss or gradient became NaN/Inf at step {step}; the update was not applied. Lower "
@@ -311,4 +390,83 @@ def _check_finite(pending, t, progress) -> int:
             "train.on_nonfinite=skip to skip such steps"
         )
     progress.note(f"step {step}: non-finite loss, update skipped")
-    return 1
+    tally.skipped += 1
+
+
+def _evaluate(s: _Session, tally: _Tally, state) -> None:
+    """The held-out loss, written with its time (not step time: it is taken out of the interval)."""
+    def eval_fn(params, batch):
+        return s.program.eval_step(params, *s.program.frozen, batch)
+
+    eval_loss, eval_s = goodput.timed(
+        state, lambda: heldout_loss(s.config, s.mesh, eval_fn, state["params"], s.prepared))
+    s.writer.write(tally.step, {"eval_loss": eval_loss, "eval_s": eval_s})
+    s.progress.note(f"step {tally.step}: held-out loss {eval_loss:.4f}")
+    tally.eval_loss = eval_loss
+    tally.paused += eval_s
+
+
+def _stop(s: _Session, tally: _Tally, state) -> None:
+    """A requested stop: saves the step, waits for the save to finish, and sums the goodput so far."""
+    step = tally.step
+    _, save_s = goodput.timed(state, lambda: (s.ckpt.save(step, state, s.loader.state()), s.ckpt.close()))
+    s.writer.write(step, {"checkpoint_s": save_s})
+    s.progress.note(f"stopped at step {step}: checkpoint saved in {s.ckpt.directory}")
+    tally.stopped_at, tally.goodput = step, goodput.summarize(s.writer.rows())
+
+
+def _save(s: _Session, tally: _Tally, state) -> None:
+    """A scheduled save, which finishes in the background; the wait for it is not step time."""
+    _, save_s = goodput.timed(state, lambda: s.ckpt.save(tally.step, state, s.loader.state()))
+    s.writer.write(tally.step, {"checkpoint_s": save_s})
+    tally.paused += save_s
+
+
+def _finish(s: _Session, tally: _Tally, state) -> None:
+    """After the last step: its finite check, the wait for the last save, the run's goodput."""
+    _settle(tally, s.config.train, s.progress)
+    _, close_s = goodput.timed(state, s.ckpt.close)  # the last save, finishing in the background
+    s.writer.write(tally.step, {"checkpoint_s": close_s})
+    tally.goodput = goodput.summarize(s.writer.rows())
+
+
+def _failure(e: Exception, ckpt, writer, step: int) -> Exception | None:
+    """The one-line error to raise instead of `e` from inside the run, or None to raise `e` as it is."""
+    if storage.no_space(e):
+        return ckpt.out_of_space(e, writer_path=getattr(writer, "path", None))
+    if hosts.peer_lost(e):
+        newest = ckpt.newest_complete()
+        return hosts.PeerLost(f"lost another process of the run near step {step} ({str(e).splitlines()[0]}); "
+                              f"the newest complete checkpoint is {newest}: start every process again with the "
+                              "same command to resume from it")
+    return None
+
+
+def _close(s: _Session) -> None:
+    s.loader.close()
+    s.progress.close()
+    try:
+        s.writer.close()
+    except OSError:  # a full disk is reported by `_failure`; metrics are not worth a second error
+        pass
+
+
+def _summary(s: _Session, tally: _Tally) -> dict:
+    from heft.data.stats import unigram_cross_entropy
+
+    params = s.report["total_params"]
+    return {
+        "params": params,
+        "trainable_params": s.program.trainable if s.program.trainable is not None else params,
+        "unigram_loss": unigram_cross_entropy(s.prepared),
+        "steps": tally.step,
+        "tokens_seen": tally.step * s.tokens_per_step,
+        "train_loss": float(np.mean(tally.losses[-3:])) if tally.losses else None,
+        "eval_loss": tally.eval_loss,
+        "tokens_per_s": tally.last.get("tokens_per_s"),
+        "mfu": tally.last.get("mfu"),
+        "compile_s": s.compile_s,
+        "skipped_steps": tally.skipped,
+        "peak_flops": tally.peak_flops,
+        "goodput": tally.goodput,
+    }
