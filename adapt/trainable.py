@@ -30,7 +30,7 @@ from flax import nnx, traverse_util
 
 from heft.adapt import lora
 from heft.adapt.config import base_view
-from heft.model import checks, build
+from heft.model import build, checks
 from heft.model.checks import ConfigError
 
 PREFIX_MLP = "prefix_mlp"

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from heft.configs import base
-from heft.train import checkpoint, compiled, custody, sharding
+from heft.train import checkpoint, custody, sharding
 from heft.train import state as train_state
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from heft.adapt import config as adapt_config
-from heft.adapt import finetune, load, trainable
+from heft.adapt import finetune, trainable
 from heft.configs import milton, small
 from heft.data import processes
 from heft.eval.heldout import evaluate

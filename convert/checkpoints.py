@@ -11,7 +11,6 @@ so `heft eval` and `heft generate` read it directly.
 import contextlib
 
 from heft.convert import paths
-from heft.convert.errors import ConvertError
 
 
 def run_import(hf_dir: str, out: str, param_dtype: str = "float32"):

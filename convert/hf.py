@@ -19,8 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from heft.convert import gpt2, llama, mixtral, paths, safetensors_io, t5, tokenizer
 from heft.convert.errors import ConvertError
-from heft.model.checks import check_model, sparse
 from heft.model.build import abstract
+from heft.model.checks import check_model, sparse
 
 FAMILIES = {family.MODEL_TYPE: family for family in (llama, gpt2, t5, mixtral)}
 

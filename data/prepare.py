@@ -17,8 +17,8 @@ every process use process 0's tokenizer.
 """
 
 import collections
-import contextlib
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json

@@ -19,8 +19,8 @@ from flax import nnx
 
 from heft.eval import sampling
 from heft.model import precision
-from heft.model.checks import ConfigError
 from heft.model.build import init_cache
+from heft.model.checks import ConfigError
 
 MIN_PROMPT_BUCKET = 16  # prompts are padded to a power of two at least this long
 CACHE_MULTIPLE = 128  # the cache length is a multiple of this

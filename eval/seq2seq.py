@@ -18,11 +18,10 @@ import numpy as np
 from flax import nnx
 
 from heft.eval import sampling
-from heft.eval.generate import (CACHE_MULTIPLE, check_sampling, check_tokens, pad_prompts,
-                                padded_lengths, sample)
+from heft.eval.generate import CACHE_MULTIPLE, check_sampling, check_tokens, pad_prompts, padded_lengths, sample
 from heft.model import precision
-from heft.model.checks import ConfigError
 from heft.model.build import init_cache
+from heft.model.checks import ConfigError
 
 
 def check_request(m, prompts: list[list[int]], max_new_tokens: int) -> None:

@@ -11,8 +11,8 @@ import math
 import os
 import re
 
-from heft.train.chips import CHIPS, Chip
 from heft.model.checks import ConfigError
+from heft.train.chips import CHIPS, Chip
 
 INSTALL = "heft plan needs libtpu: pip install -e '.[tpu]'"
 DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}  # the chip grid is a 3-D torus or a 2-D one

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from heft.model.checks import ConfigError
 from heft.model import build
+from heft.model.checks import ConfigError
 from heft.quantize import rules
 from heft.train import rules as mesh_rules
 from heft.train import sharding

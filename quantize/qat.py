@@ -5,8 +5,8 @@ estimator of qwix's QtProvider). Parameters stay float; `heft quantize` turns th
 integers, which then lose less than a model trained without seeing them.
 """
 
-from heft.model.checks import ConfigError
 from heft.model.build import bind as bind_float
+from heft.model.checks import ConfigError
 from heft.quantize import model, rules
 
 

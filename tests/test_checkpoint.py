@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from heft.configs import tiny
-from heft.train import checkpoint, compiled, manifest, sharding
+from heft.train import checkpoint, manifest, sharding
 from heft.train import state as train_state
 
 

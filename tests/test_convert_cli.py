@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from test_convert import _hf_greedy, _hf_logits, _llama_hf_config, _save_hf, _tokens, sentencepiece_model  # noqa: F401
 
 from heft.convert.checkpoints import run_export
-from test_convert import _hf_greedy, _hf_logits, _llama_hf_config, _save_hf, _tokens, sentencepiece_model  # noqa: F401
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -25,7 +25,7 @@ def _heft(*args):
 
 
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory, sentencepiece_model):
+def imported(tmp_path_factory, sentencepiece_model):  # noqa: F811  (the fixture imported above)
     """(transformers model, its folder, the heft checkpoint `heft convert --from_hf` wrote)."""
     root = tmp_path_factory.mktemp("cli")
     original = str(root / "original")
@@ -103,11 +103,11 @@ def test_heft_generate_on_an_imported_llama_prints_transformers_greedy_continuat
 
 def test_tiny_model_trained_a_few_steps_exports_to_transformers_with_same_logits_and_greedy_ids(tmp_path):
     import jax
+    from test_convert import _heft_greedy, _heft_logits
 
     from heft.configs import tiny
     from heft.train import checkpoint, compiled, sharding
     from heft.train import state as train_state
-    from test_convert import _heft_greedy, _heft_logits
 
     config = tiny.get_config()
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1

@@ -11,8 +11,8 @@ from etils import epath
 from flax import nnx
 
 from heft.configs import base
-from heft.convert.hf import export_hf, import_hf
 from heft.convert.checkpoints import run_export, run_import
+from heft.convert.hf import export_hf, import_hf
 from heft.model.build import init_params
 
 SHARD = 24_000  # bytes: the small model below spans several shards and an index

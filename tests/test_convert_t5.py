@@ -15,8 +15,8 @@ from safetensors.numpy import load_file, save_file
 from heft.convert.errors import ConvertError
 from heft.convert.hf import export_hf, import_hf
 from heft.eval import seq2seq
-from heft.model.checks import head_dim
 from heft.model.build import bind, init_params
+from heft.model.checks import head_dim
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

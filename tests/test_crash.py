@@ -2,9 +2,8 @@
 
 import subprocess
 
-import pytest
-
 import crash
+import pytest
 
 
 @pytest.mark.slow

@@ -15,8 +15,8 @@ from flax import nnx
 
 from heft.configs import t5_tiny, t5_v1_1_base
 from heft.model import relative
-from heft.model.checks import ConfigError, check_model
 from heft.model.build import bind, init_params
+from heft.model.checks import ConfigError, check_model
 
 
 def _config(**model):

@@ -14,8 +14,8 @@ import pytest
 
 from heft.adapt import config as adapt_config
 from heft.adapt import finetune, load, trainable
-from heft.convert.checkpoints import run_export
 from heft.configs import milton, tiny
+from heft.convert.checkpoints import run_export
 from heft.data import corpus, processes
 from heft.eval.heldout import evaluate
 from heft.model import build

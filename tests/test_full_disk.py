@@ -9,7 +9,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from test_train_loop import _overrides
 
 SCRIPT = """

@@ -4,9 +4,8 @@ and a save killed mid-write on GCS, which has no atomic rename, is never taken f
 import json
 import subprocess
 
-import pytest
-
 import crash
+import pytest
 from test_train_loop import _heft, _overrides
 
 

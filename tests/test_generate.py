@@ -15,6 +15,7 @@ from heft.eval import sampling
 from heft.eval.generate import full_forward_generate, generate
 from heft.model.checks import ConfigError
 from heft.model.decoder import Decoder
+
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], list(range(100, 120))]
 N = 12  # new tokens; one value for every test, so that they share compiled loops
 

@@ -7,9 +7,9 @@ import shutil
 import time
 
 import pytest
+from test_train_loop import _heft, _overrides
 
 from heft.train import goodput
-from test_train_loop import _heft, _overrides
 
 
 def _rows(workdir):

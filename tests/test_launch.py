@@ -5,7 +5,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 
 import pytest
 import yaml

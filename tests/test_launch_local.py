@@ -8,7 +8,6 @@ import subprocess
 import time
 
 import numpy as np
-
 from test_train_loop import _heft, _metrics, _overrides
 
 

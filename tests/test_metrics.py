@@ -5,8 +5,6 @@ import json
 import threading
 import time
 
-import pytest
-
 from heft.train import metrics
 
 

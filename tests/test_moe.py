@@ -14,8 +14,8 @@ from heft.configs import tiny_moe
 from heft.model import moe
 from heft.model.checks import ConfigError
 from heft.model.decoder import Decoder
-from heft.train import step
 from heft.train import state as train_state
+from heft.train import step
 
 
 def _m(**fields):

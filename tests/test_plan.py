@@ -16,8 +16,8 @@ pytest.importorskip("libtpu", reason="heft plan needs the tpu extra: pip install
 
 from heft.configs import llama2_70b, tiny  # noqa: E402
 from heft.launch import plan, search, topology  # noqa: E402
-from heft.train import size  # noqa: E402
 from heft.model.checks import ConfigError  # noqa: E402
+from heft.train import size  # noqa: E402
 
 GiB = 2**30
 

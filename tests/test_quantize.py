@@ -10,12 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from heft.configs import tiny
-from heft.model.checks import ConfigError
 from heft.model.build import bind as bind_float
 from heft.model.build import init_params
+from heft.model.checks import ConfigError
 from heft.train import checkpoint, sharding
 
 qwix = pytest.importorskip("qwix")

@@ -7,7 +7,7 @@ import pytest
 from flax import traverse_util
 
 from heft.configs import tiny
-from heft.train import compiled, sharding, step
+from heft.train import compiled, sharding
 from heft.train import state as train_state
 
 

@@ -10,6 +10,7 @@ from heft.data import rows
 from heft.train import sharding, step
 from heft.train import state as train_state
 
+
 def train_step(config, mesh: Mesh):
     """`step.train_step` jitted over `mesh`: (state, batch) -> (state, metrics), state donated.
 

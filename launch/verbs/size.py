@@ -32,7 +32,7 @@ def _quantized(config) -> dict:
     except ImportError:
         return {}
     from heft.model.checks import sparse
-    from heft.quantize import model, rules
+    from heft.quantize import model
 
     if sparse(config.model):  # heft quantize refuses a mixture of experts: the int rows stay estimates
         return {}

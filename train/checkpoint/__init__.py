@@ -15,11 +15,30 @@ manifest.py's. Both kinds of checkpoint restore onto any mesh: arrays are read s
 shards the target mesh asks for, never gathered on one host. Nothing is pickled.
 """
 
-from heft.train.checkpoint.facts import (TOKENIZER, TOKENIZERS, config_from_json, config_to_json,  # noqa: F401
-                                         data_facts, read_facts, tokenizer_file, tokenizer_in)
+from heft.train.checkpoint.facts import (  # noqa: F401
+                                         TOKENIZER,
+                                         TOKENIZERS,
+                                         config_from_json,
+                                         config_to_json,
+                                         data_facts,
+                                         read_facts,
+                                         tokenizer_file,
+                                         tokenizer_in,
+)
 from heft.train.checkpoint.find import checkpoints_in, is_checkpoint, read_config, resolve  # noqa: F401
-from heft.train.checkpoint.load import (FLOAT, Kind, Loaded, is_finetune, kind_of, load, load_params,  # noqa: F401
-                                        quantized_weights, read_params, register, serving_mesh)
+from heft.train.checkpoint.load import (  # noqa: F401
+                                         FLOAT,
+                                         Kind,
+                                         Loaded,
+                                         is_finetune,
+                                         kind_of,
+                                         load,
+                                         load_params,
+                                         quantized_weights,
+                                         read_params,
+                                         register,
+                                         serving_mesh,
+)
 from heft.train.checkpoint.params import export_params, save_params  # noqa: F401
 from heft.train.checkpoint.trainstate import Checkpointer, Resume, committed  # noqa: F401
 from heft.train.manifest import CheckpointError  # noqa: F401

@@ -25,8 +25,15 @@ from orbax.checkpoint import path as ocp_path
 
 from heft.model.checks import sparse
 from heft.train import custody, hosts, manifest, quiet, storage
-from heft.train.checkpoint.facts import (TOKENIZER, config_dict, data_facts, read_facts, seal_facts, tokenizer_bytes,
-                                         tokenizer_in)
+from heft.train.checkpoint.facts import (
+    TOKENIZER,
+    config_dict,
+    data_facts,
+    read_facts,
+    seal_facts,
+    tokenizer_bytes,
+    tokenizer_in,
+)
 from heft.train.manifest import CheckpointError
 
 ITEMS = ("state", "data", "facts")
