@@ -36,7 +36,9 @@ def _overrides(tmp_path, steps=10, **extra):
         "model.heads": 4, "model.kv_heads": 2, "model.mlp_width": 128, "train.seq_len": 64,
         "train.batch_size": 8, "train.steps": steps, "train.warmup_steps": 2, "train.log_every": 1,
         "train.eval_every": 5, "train.eval_batches": 2, "train.checkpoint_every": 5,
-        "checkpoint.async_save": True, **extra,
+        "checkpoint.async_save": True,
+        "train.peak_flops": 1e11,  # MFU's denominator given, not a timed matmul per run (tests/test_peak.py times it)
+        **extra,
     }
     return [f"--config.{k}={v}" for k, v in fields.items()]
 
