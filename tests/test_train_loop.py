@@ -1,5 +1,6 @@
 """The loop end to end on a tiny corpus: metrics, resume bit for bit, preemption, two processes."""
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -65,6 +66,14 @@ def test_train_writes_metrics_and_resumes_bit_for_bit(tmp_path, tiny_run):
         assert np.isfinite(rows[10][key]), key
     assert [e["step"] for e in evals] == [5, 10]
 
+    # Evaluation restores the 8-device checkpoint onto 1 device and onto a 2x2 mesh (below): the two
+    # evaluations run while the split run trains, each start-up overlapping the others'.
+    pool = concurrent.futures.ThreadPoolExecutor()
+    evaluations = [pool.submit(_heft, ["eval", f"--checkpoint={straight}", f"--mesh={mesh}", "--json"],
+                               env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+                   for devices, mesh in [(1, "1,1,1"), (4, "1,2,2")]]
+    pool.shutdown(wait=False)
+
     r = _heft(["train", f"--workdir={split}", *_overrides(tmp_path, steps=10), "--stop_after=5"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stopped at step 5" in r.stdout
@@ -76,11 +85,10 @@ def test_train_writes_metrics_and_resumes_bit_for_bit(tmp_path, tiny_run):
 
     from heft.train import checkpoint
 
-    # Evaluation restores the 8-device checkpoint onto 1 device and onto a 2x2 mesh: same loss.
+    # ... with the same loss on both meshes.
     losses = []
-    for devices, mesh in [(1, "1,1,1"), (4, "1,2,2")]:
-        r = _heft(["eval", f"--checkpoint={straight}", f"--mesh={mesh}", "--json"],
-                  env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+    for evaluation in evaluations:
+        r = evaluation.result()
         assert r.returncode == 0, r.stderr[-3000:]
         result = json.loads(r.stdout.strip().splitlines()[-1])
         assert result["bits_per_byte"] > 0 and result["perplexity"] > 1
