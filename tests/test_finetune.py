@@ -2,6 +2,7 @@
 embedded task's held-out loss and leaves the base as it was; a fine-tune checkpoint holds only what
 was trained, refuses another base, resumes bit for bit, merges, and reads back in heft eval."""
 
+import concurrent.futures
 import json
 import lzma
 import os
@@ -133,20 +134,26 @@ def test_cli_resumes_bit_for_bit_refuses_another_base_then_evaluates_and_generat
 
     other = str(root / "other_base")  # the same weights, exported: another checkpoint, another digest
     checkpoint.export_params(base_dir, other)
-    r = _heft("finetune", f"--base={other}", f"--workdir={split}", *args, f"--config.train.steps={2 * steps}")
+    # The three commands below only read the fine-tune: they run at once, their start-ups overlapping.
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        refused = pool.submit(_heft, "finetune", f"--base={other}", f"--workdir={split}", *args,
+                              f"--config.train.steps={2 * steps}")
+        evaluated = pool.submit(_heft, "eval", f"--checkpoint={split}", "--json")
+        generated = pool.submit(_heft, "generate", f"--checkpoint={split}", "--prompt=Of Mans First Disobedience\n",
+                                "--max_new_tokens=8", "--temperature=0")
+    r = refused.result()
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith(f"heft finetune: {split} (step {steps}) was fine-tuned from {base_dir}"), line
     assert line.endswith(f"not from {other} (manifest {manifest.digest(manifest.read(other))[:12]}); pass its base, "
                          "or fine-tune in a new --workdir"), line
 
-    r = _heft("eval", f"--checkpoint={split}", "--json")
+    r = evaluated.result()
     assert r.returncode == 0, r.stderr[-3000:]
     evaluated = json.loads(r.stdout.strip().splitlines()[-1])
     run, params, tokenizer = _whole(straight)
     np.testing.assert_allclose(evaluated["eval_loss"], _task_loss(run, params, tokenizer), rtol=1e-5)
-    r = _heft("generate", f"--checkpoint={split}", "--prompt=Of Mans First Disobedience\n", "--max_new_tokens=8",
-              "--temperature=0")
+    r = generated.result()
     assert r.returncode == 0 and "heft generate: " in r.stdout, r.stderr[-3000:]
 
 

@@ -22,6 +22,22 @@ from heft.train import size  # noqa: E402
 GiB = 2**30
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_persistent_compilation_cache():
+    """Keeps this module's compiles out of the session's compilation cache (conftest.py): an executable
+    compiled for an abstract TPU slice cannot be read back without a TPU (JAX warns and compiles again),
+    so writing it would be wasted time."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # JAX decides once per process whether the cache is used; ask again
+    yield
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
+
+
 def _tiny(**overrides):
     c = tiny.get_config()
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # every parameter has an embed axis: all split

@@ -23,7 +23,7 @@ def get_config(point=None):
     c.model.update(vocab=320, depth=1, max_len=64)
     c.data.corpus, c.data.cache_dir = {corpus!r}, {cache!r}
     c.train.update(seq_len=32, batch_size=8, steps=4, warmup_steps=1, log_every=1, eval_every=4,
-                   eval_batches=1, checkpoint_every=4)
+                   eval_batches=1, checkpoint_every=4, peak_flops=1e11)
     if point:
         c.update_from_flattened_dict(points()[point])
     return c
@@ -64,7 +64,9 @@ def test_a_three_point_sweep_runs_reports_and_skips_what_is_done(tmp_path):
     sweep_file = tmp_path / "sweep.py"
     sweep_file.write_text(SWEEP.format(corpus=_corpus(tmp_path), cache=str(tmp_path / "cache")))
     workdir = tmp_path / "runs"
-    r = subprocess.run(["heft", "sweep", f"--sweep={sweep_file}", f"--workdir={workdir}"], capture_output=True, text=True)
+    # The three points train at once (--parallel): each run is mostly one core's start-up, not its steps.
+    r = subprocess.run(["heft", "sweep", f"--sweep={sweep_file}", f"--workdir={workdir}", "--parallel=3"],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "3 points" in r.stdout and "loss_vs_params" in r.stdout
     report = workdir / "report"

@@ -1,5 +1,6 @@
 """The loop end to end on a tiny corpus: metrics, resume bit for bit, preemption, two processes."""
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -33,7 +34,9 @@ def _overrides(tmp_path, steps=10, **extra):
         "model.heads": 4, "model.kv_heads": 2, "model.mlp_width": 128, "train.seq_len": 64,
         "train.batch_size": 8, "train.steps": steps, "train.warmup_steps": 2, "train.log_every": 1,
         "train.eval_every": 5, "train.eval_batches": 2, "train.checkpoint_every": 5,
-        "checkpoint.async_save": True, **extra,
+        "checkpoint.async_save": True,
+        "train.peak_flops": 1e11,  # MFU's denominator given, not a timed matmul per run (tests/test_peak.py times it)
+        **extra,
     }
     return [f"--config.{k}={v}" for k, v in fields.items()]
 
@@ -50,16 +53,23 @@ def _metrics(workdir):
     return {r["step"]: r for r in rows if "loss" in r}, [r for r in rows if "eval_loss" in r]
 
 
-def test_train_writes_metrics_and_resumes_bit_for_bit(tmp_path):
-    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    r = _heft(["train", f"--workdir={straight}", *_overrides(tmp_path, steps=10)])
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_train_writes_metrics_and_resumes_bit_for_bit(tmp_path, tiny_run):
+    straight, r = tiny_run  # `heft train` of _overrides(steps=10), run once for the session (conftest.py)
+    split = str(tmp_path / "split")
     assert "held-out loss" in r.stdout and "tokens/s" in r.stdout
     rows, evals = _metrics(straight)
     assert sorted(rows) == list(range(1, 11))
     for key in ("loss", "tokens_per_s", "mfu", "grad_norm", "lr", "step_time_s", "memory_gb"):
         assert np.isfinite(rows[10][key]), key
     assert [e["step"] for e in evals] == [5, 10]
+
+    # Evaluation restores the 8-device checkpoint onto 1 device and onto a 2x2 mesh (below): the two
+    # evaluations run while the split run trains, each start-up overlapping the others'.
+    pool = concurrent.futures.ThreadPoolExecutor()
+    evaluations = [pool.submit(_heft, ["eval", f"--checkpoint={straight}", f"--mesh={mesh}", "--json"],
+                               env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+                   for devices, mesh in [(1, "1,1,1"), (4, "1,2,2")]]
+    pool.shutdown(wait=False)
 
     r = _heft(["train", f"--workdir={split}", *_overrides(tmp_path, steps=10), "--stop_after=5"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -72,11 +82,10 @@ def test_train_writes_metrics_and_resumes_bit_for_bit(tmp_path):
 
     from heft.train import checkpoint
 
-    # Evaluation restores the 8-device checkpoint onto 1 device and onto a 2x2 mesh: same loss.
+    # ... with the same loss on both meshes.
     losses = []
-    for devices, mesh in [(1, "1,1,1"), (4, "1,2,2")]:
-        r = _heft(["eval", f"--checkpoint={straight}", f"--mesh={mesh}", "--json"],
-                  env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+    for evaluation in evaluations:
+        r = evaluation.result()
         assert r.returncode == 0, r.stderr[-3000:]
         result = json.loads(r.stdout.strip().splitlines()[-1])
         assert result["bits_per_byte"] > 0 and result["perplexity"] > 1
