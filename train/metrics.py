@@ -19,6 +19,24 @@ def memory_in_use_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch.
+
+    tensorboardX imports torch whenever it is installed, only to accept torch tensors (heft logs
+    Python floats); that import costs a few seconds of every run's start-up. torch is hidden while
+    tensorboardX loads, unless this process has imported it already.
+    """
+    hidden = "torch" not in sys.modules
+    if hidden:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hidden:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Writer:
     """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and mirrors it to
     TensorBoard (WORKDIR/tensorboard). Only process 0 writes.
@@ -50,8 +68,7 @@ class Writer:
             dropped = [_row(line) for line in lines if _step_of(line) > start_step]
             self._append(json.dumps({"step": start_step, "resumed": True, "redone_steps": max(redone, 0),
                                      **goodput.lost(dropped)}))
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _summary_writer_class()
         # tensorboardX writes from a thread through a bounded queue: if that thread dies (a full disk),
         # every later add blocks forever. An unbounded queue never blocks, and `_check_tensorboard`
         # turns the thread's death into the error it died of.

@@ -1,6 +1,7 @@
 """Checkpoints: saving and restoring with orbax, whole train states for resuming, parameters for
 everything after training. One concept a file:
 
+- arrays.py: how orbax writes an array (small replicated arrays by one replica, in one piece);
 - facts.py: what a checkpoint records besides its arrays (the config as JSON, the data's hashes,
   the tokenizer);
 - trainstate.py: the `Checkpointer` — async sharded saves of the train state, sealed in the
@@ -15,6 +16,7 @@ manifest.py's. Both kinds of checkpoint restore onto any mesh: arrays are read s
 shards the target mesh asks for, never gathered on one host. Nothing is pickled.
 """
 
+from heft.train.checkpoint import arrays
 from heft.train.checkpoint.facts import (  # noqa: F401
                                          TOKENIZER,
                                          TOKENIZERS,
@@ -42,3 +44,5 @@ from heft.train.checkpoint.load import (  # noqa: F401
 from heft.train.checkpoint.params import export_params, save_params  # noqa: F401
 from heft.train.checkpoint.trainstate import Checkpointer, Resume, committed  # noqa: F401
 from heft.train.manifest import CheckpointError  # noqa: F401
+
+arrays.register()
