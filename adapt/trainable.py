@@ -32,6 +32,7 @@ from heft.adapt import lora
 from heft.adapt.config import base_view
 from heft.model import build, checks
 from heft.model.checks import ConfigError
+from heft.train import rules
 
 PREFIX_MLP = "prefix_mlp"
 
@@ -50,7 +51,7 @@ def dotted(path: tuple) -> str:
 
 def model_names(m) -> dict[tuple, tuple]:
     """{parameter path: its logical axis names} of the model for config `m` (abstract: nothing allocated)."""
-    return {path: var.get_metadata()["out_sharding"] for path, var in nnx.to_flat_state(build.abstract(m)[1])}
+    return {path: rules.names_of(var) for path, var in nnx.to_flat_state(build.abstract(m)[1])}
 
 
 def _full_paths(run, paths: list[tuple]) -> list[tuple]:

@@ -200,6 +200,13 @@ def test_params_only_checkpoint_is_smaller_and_loads_onto_another_mesh(tmp_path)
         config, params, tokenizer = checkpoint.load_params(source, mesh=mesh)
         assert config.model.width == 64 and tokenizer is None
         jax.tree.map(np.testing.assert_array_equal, state["params"], jax.device_get(params))
+    # A config given to read it with (another mesh or batch) may not change what the parameters mean:
+    # swapping the norm keeps every shape, so only this check stands between it and a wrong model.
+    other = _config(1, 2, 2)
+    other.model.norm = "layernorm" if c.model.norm != "layernorm" else "rmsnorm"
+    with pytest.raises(manifest.CheckpointError, match=r"holds another model than the config given to read it: "
+                                                       r"model.norm=.* in the checkpoint but .* now; read it with"):
+        checkpoint.load(str(tmp_path / "serve"), mesh=mesh, config=other)
 
 
 def test_missing_checkpoint_or_a_file_is_one_clear_error(tmp_path):

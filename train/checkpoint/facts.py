@@ -10,6 +10,7 @@ import json
 
 import ml_collections
 
+from heft.model.checks import sparse
 from heft.train import storage
 
 TOKENIZER = "tokenizer.model"
@@ -28,6 +29,49 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
 
 def config_dict(config) -> dict:
     return json.loads(config_to_json(config))
+
+
+# Model fields that decide the parameters' shapes, dtypes or meaning: a checkpoint's must match.
+# The rest (remat, compute dtype, RoPE base, norm epsilon, the document mask...) may change on resume.
+PARAMETER_FIELDS = ("vocab", "width", "depth", "heads", "kv_heads", "head_dim", "mlp_width", "use_bias",
+                    "tied_embeddings", "positions", "norm", "activation", "param_dtype", "mlp")
+# A mixture of experts' (model/moe.py), which decide its parameters only when model.mlp=moe.
+MOE_PARAMETER_FIELDS = ("moe.experts", "moe.top_k", "moe.expert_width")
+
+
+def saved_config(saved: dict) -> dict:
+    """A manifest's config as today's fields read it (one saved before model.mlp existed is dense)."""
+    if "model" in saved and "mlp" not in saved["model"]:
+        return {**saved, "model": {**saved["model"], "mlp": "dense"}}
+    return saved
+
+
+def differences(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted field, saved value, current value) for every field that differs."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
+def model_differences(saved: dict, config) -> list[tuple[str, object, object]]:
+    """The differences between a checkpoint's config (`saved`, as its manifest holds it) and `config`
+    in the model fields that decide what its parameters are."""
+    saved = saved_config(saved)
+    if not isinstance(saved.get("model"), dict):
+        return []  # nothing to compare against (a manifest always records the model)
+    fields = PARAMETER_FIELDS + (("max_len",) if config.model.positions == "learned" else ())
+    fields += MOE_PARAMETER_FIELDS if sparse(config.model) else ()
+    diffs = differences(saved["model"], config_dict(config)["model"], "model.")
+    return [d for d in diffs if d[0][len("model."):] in fields]
+
+
+def described(diffs) -> str:
+    return ", ".join(f"{k}={a!r} in the checkpoint but {b!r} now" for k, a, b in diffs)
 
 
 def data_facts(prepared) -> dict:

@@ -28,7 +28,7 @@ from etils import epath
 
 from heft.model import build
 from heft.train import custody, hosts, manifest, sharding
-from heft.train.checkpoint.facts import config_from_json, tokenizer_in
+from heft.train.checkpoint.facts import config_from_json, described, model_differences, tokenizer_in
 from heft.train.checkpoint.find import resolve
 from heft.train.manifest import CheckpointError
 
@@ -116,7 +116,11 @@ def load(directory, mesh=None, verify: bool = True, config=None, accept: tuple[s
     directory = resolve(directory)
     facts = (custody.verify(directory, jax.process_index(), jax.process_count(), gather=hosts.gather_ints())
              if verify else manifest.read(directory))
-    config = config if config is not None else config_from_json(json.dumps(facts["config"]))
+    if config is None:
+        config = config_from_json(json.dumps(facts["config"]))
+    elif model := model_differences(facts.get("config", {}), config):
+        raise CheckpointError(f"{directory} holds another model than the config given to read it: {described(model)}; "
+                              "read it with its own model config")
     name = kind_of(facts, config)
     if (accept is not None and name not in accept) or (name == FLOAT and not _float(facts, config)):
         raise CheckpointError(_refusal(directory, facts, config, accept or (FLOAT,)))

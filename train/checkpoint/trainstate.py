@@ -23,13 +23,16 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import path as ocp_path
 
-from heft.model.checks import sparse
 from heft.train import custody, hosts, manifest, quiet, storage
 from heft.train.checkpoint.facts import (
     TOKENIZER,
     config_dict,
     data_facts,
+    described,
+    differences,
+    model_differences,
     read_facts,
+    saved_config,
     seal_facts,
     tokenizer_bytes,
     tokenizer_in,
@@ -38,34 +41,12 @@ from heft.train.manifest import CheckpointError
 
 ITEMS = ("state", "data", "facts")
 _TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
-# Model fields that decide the parameters' shapes, dtypes or meaning: a checkpoint's must match.
-# The rest (remat, compute dtype, RoPE base, norm epsilon, the document mask...) may change on resume.
-PARAMETER_FIELDS = ("vocab", "width", "depth", "heads", "kv_heads", "head_dim", "mlp_width", "use_bias",
-                    "tied_embeddings", "positions", "norm", "activation", "param_dtype", "mlp")
-# A mixture of experts' (model/moe.py), which decide its parameters only when model.mlp=moe.
-MOE_PARAMETER_FIELDS = ("moe.experts", "moe.top_k", "moe.expert_width")
 
 
 def committed(directory) -> bool:
     """Whether orbax finished writing the step at `directory` (renamed into place / commit file written)."""
     directory = storage.path(directory)
     return directory.exists() and ocp_path.step.is_checkpoint_finalized(directory)
-
-
-def _diff(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted field, saved value, current value) for every field that differs."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append((f"{prefix}{key}", a, b))
-    return out
-
-
-def _fields(diffs) -> str:
-    return ", ".join(f"{k}={a!r} in the checkpoint but {b!r} now" for k, a, b in diffs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,16 +197,12 @@ class Checkpointer:
     def check_config(self, resume: Resume) -> list[str]:
         """Raises CheckpointError if the model differs from the checkpoint's; returns notes on other changes."""
         saved = resume.manifest.get("config", {})
-        if "model" in saved and "mlp" not in saved["model"]:  # saved before model.mlp existed: dense
-            saved = {**saved, "model": {**saved["model"], "mlp": "dense"}}
-        diffs = _diff(saved, config_dict(self.config))
-        fields = PARAMETER_FIELDS + (("max_len",) if self.config.model.positions == "learned" else ())
-        fields += MOE_PARAMETER_FIELDS if sparse(self.config.model) else ()
-        model = [d for d in diffs if d[0].startswith("model.") and d[0][len("model."):] in fields]
+        model = model_differences(saved, self.config)
         if model:
             raise CheckpointError(
-                f"the model differs from the checkpoint's (step {resume.step} in {self.directory}): {_fields(model)}; "
+                f"the model differs from the checkpoint's (step {resume.step} in {self.directory}): {described(model)}; "
                 "resume with the checkpoint's model config or train in a new --workdir")
+        diffs = differences(saved_config(saved), config_dict(self.config))
         return [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs if not k.startswith("data.") and k != "name"]
 
     def check_data(self, resume: Resume, prepared) -> str | None:
