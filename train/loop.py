@@ -102,13 +102,14 @@ def heldout_loss(config, mesh, eval_fn, params, prepared) -> float:
     return total / max(count, 1.0)
 
 
-def take_workdir(workdir, note=print):
-    """Process 0 takes the workdir's lock; every process raises WorkdirInUse if it could not."""
+def take_workdir(workdir, note=lambda line: print(line, flush=True)):
+    """Process 0 takes the workdir's lock (perhaps after watching a holder elsewhere for one heartbeat
+    period, while the others wait here); every process raises WorkdirInUse if it could not."""
     held, error = None, ""
     if jax.process_index() == 0:
         held = lock.WorkdirLock(workdir)
         try:
-            warning = held.acquire()
+            warning = held.acquire(note=lambda line: note(f"heft: {line}"))
             if warning:
                 note(f"heft: {warning}")
         except checkpoint.CheckpointError as e:
