@@ -150,8 +150,10 @@ def test_two_processes_equal_one_and_a_sigterm_to_one_of_them_stops_both_at_one_
     uninterrupted run's losses bit for bit. The checkpoints are sealed by both hosts' hashes."""
     one, two, cut = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "cut")
     # A constant rate after warmup: the interrupted run's longer train.steps leaves the schedule alone.
+    # Parameters sharded over both hosts (fsdp), as a pod's are: each host writes its own shards.
+    shard = {"mesh.data": 1, "mesh.fsdp": -1}
     args = _overrides(tmp_path, steps=12, **{"train.eval_every": 100, "train.checkpoint_every": 4,
-                                             "train.schedule": "constant"})
+                                             "train.schedule": "constant", **shard})
     r = _heft(["train", f"--workdir={one}", *args], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert r.returncode == 0, r.stderr[-3000:]
     port = 20000 + os.getpid() % 20000
@@ -163,7 +165,7 @@ def test_two_processes_equal_one_and_a_sigterm_to_one_of_them_stops_both_at_one_
     np.testing.assert_allclose([b[s]["loss"] for s in range(1, 13)], [a[s]["loss"] for s in range(1, 13)], rtol=1e-5)
 
     slow = _overrides(tmp_path, steps=100000, **{"train.eval_every": 100000, "train.checkpoint_every": 4,
-                                                 "train.schedule": "constant"})
+                                                 "train.schedule": "constant", **shard})
     procs = _two_processes(cut, slow, port + 1)
     metrics = os.path.join(cut, "metrics.jsonl")
     deadline = time.time() + 300

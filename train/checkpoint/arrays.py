@@ -10,6 +10,8 @@ large shards (a 70B model's fsdp shards, replicated over the data axis) are stil
 hosts. The bytes on disk are the same either way: only who writes which part changes.
 """
 
+import logging
+
 import jax
 import orbax.checkpoint as ocp
 
@@ -19,4 +21,11 @@ MIN_SLICE_BYTES = 4 * 2**20
 def register() -> None:
     """Make heft's array handler orbax's handler for jax.Array in this process (idempotent)."""
     handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES)
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    # orbax warns of every override on stderr, where a verb's one-line error must stand alone.
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl.setLevel(level)
