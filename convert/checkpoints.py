@@ -39,7 +39,8 @@ def run_import(hf_dir: epath.PathLike, out: epath.PathLike, param_dtype: str = "
     return config
 
 
-def run_export(checkpoint_dir: epath.PathLike, out: epath.PathLike, dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3):
+def run_export(checkpoint_dir: epath.PathLike, out: epath.PathLike, dtype: str | None = None,
+               max_shard_bytes: int = 2 * 1024**3):
     """Exports a heft checkpoint as a Hugging Face folder `out`; returns the files written. Either
     may be a local folder or a gs:// one."""
     out = data_paths.path(out)

@@ -192,8 +192,8 @@ def _encoded(batches: Iterator[list[str]], model: bytes, workers: int) -> Iterat
             yield pending.popleft().result()
 
 
-def _write_tokens(texts: Iterable[str], config, tok_bytes: bytes, store_path: epath.Path, total_bytes: int, progress: bool,
-                  heldout_document: int, stop=lambda: False) -> tuple[store.Writer, int]:
+def _write_tokens(texts: Iterable[str], config, tok_bytes: bytes, store_path: epath.Path, total_bytes: int,
+                  progress: bool, heldout_document: int, stop=lambda: False) -> tuple[store.Writer, int]:
     """Tokenizes every document in `data.workers` processes into a new store at store_path.
 
     Returns the writer (to be closed) and where document `heldout_document` (the held-out split's
