@@ -14,9 +14,9 @@ base is the same checkpoint, and so do eval, generate and merge (load.py).
 
 import functools
 import json
-import os
 
 import jax
+from etils import epath
 from flax import nnx
 
 from heft.adapt import config as adapt_config
@@ -27,7 +27,7 @@ from heft.train import state as train_state
 from heft.train.manifest import CheckpointError
 
 
-def identify(base: str) -> tuple[object, dict, dict]:
+def identify(base: epath.PathLike) -> tuple[epath.Path, dict, dict]:
     """(directory, manifest, identity) of the base checkpoint `base` (a workdir: its newest step).
 
     The identity, saved in every checkpoint of the fine-tune, is where the base was and its
@@ -38,8 +38,7 @@ def identify(base: str) -> tuple[object, dict, dict]:
     if "finetune" in facts:
         raise CheckpointError(f"--base={base} is itself a fine-tune; heft merge it into a whole model first and "
                               "fine-tune that")
-    where = str(directory) if str(directory).startswith("gs://") else os.path.abspath(str(directory))
-    return directory, facts, {"path": where, "digest": manifest.digest(facts), "step": facts.get("step")}
+    return directory, facts, {"path": str(directory), "digest": manifest.digest(facts), "step": facts.get("step")}
 
 
 def check_base(saved: dict | None, identity: dict, where: str) -> None:

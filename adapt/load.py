@@ -13,13 +13,14 @@ works as usual); with adapters, a prefix or a prompt it keeps those pieces (heft
 """
 
 import jax
+from etils import epath
 
 from heft.adapt import config as adapt_config
 from heft.adapt import finetune, trainable
 from heft.train import checkpoint, manifest, sharding
 
 
-def base_of(facts: dict, where) -> str:
+def base_of(facts: dict, where: epath.Path) -> str:
     """The base directory a fine-tune's manifest names, after checking it still holds that base."""
     saved = facts["finetune"]["base"]
     try:
@@ -31,7 +32,7 @@ def base_of(facts: dict, where) -> str:
     return saved["path"]
 
 
-def _load(directory, facts: dict, run, mesh, verify: bool) -> checkpoint.Loaded:
+def _load(directory: epath.Path, facts: dict, run, mesh, verify: bool) -> checkpoint.Loaded:
     """Reads a fine-tune (already verified by `checkpoint.load`) as the whole model its base and trained
     weights make, on `mesh`; `run` is the fine-tune's config."""
     base = checkpoint.load(base_of(facts, directory), mesh=mesh, verify=verify, config=adapt_config.base_view(run),
@@ -48,7 +49,7 @@ KIND = "finetune"
 checkpoint.register(checkpoint.Kind(KIND, lambda facts, config: checkpoint.is_finetune(facts), _load))
 
 
-def merge(source: str, out: str) -> dict:
+def merge(source: epath.PathLike, out: epath.PathLike) -> dict:
     """Writes the fine-tune `source` (a workdir or a step) as a whole parameters-only model at `out`;
     returns what was merged ({"method", "base", "step", "hooks"})."""
     directory = checkpoint.resolve(source)

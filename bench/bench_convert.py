@@ -43,6 +43,7 @@ def write_checkpoint(a, folder: str) -> dict:
     from heft.convert import llama
     from heft.convert.hf import heft_config
     from heft.convert.safetensors_io import plan_shards, shard_names, write_index, write_shard
+    from heft.data import paths
 
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(llama_config(a), f)
@@ -52,9 +53,10 @@ def write_checkpoint(a, folder: str) -> dict:
     shards = plan_shards(sizes, a.shard_mb * MiB)
     files = shard_names(len(shards))
     rng = np.random.default_rng(0)
+    out = paths.path(folder)  # write_shard and write_index take an epath
     for file, names in zip(files, shards):
-        write_shard(folder, file, {n: rng.standard_normal(shapes[n], np.float32) * 0.02 for n in names})
-    write_index(folder, {n: f for f, names in zip(files, shards) for n in names}, sum(sizes.values()))
+        write_shard(out, file, {n: rng.standard_normal(shapes[n], np.float32) * 0.02 for n in names})
+    write_index(out, {n: f for f, names in zip(files, shards) for n in names}, sum(sizes.values()))
     return {"bytes": sum(sizes.values()), "largest": max(sizes.values()), "tensors": len(sizes), "files": len(files)}
 
 

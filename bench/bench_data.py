@@ -38,7 +38,7 @@ import time
 import numpy as np
 
 from heft.configs import tiny
-from heft.data import prepare, store
+from heft.data import paths, prepare, store
 
 TINY_CONSUMES = 16 * 128 / 0.1  # tokens/s that the tiny config's training takes at most
 VOCAB = 32000
@@ -128,7 +128,7 @@ def measure(store_path: str, repeats: int, cache_mb: int | None = None) -> dict:
     from heft.data import loader
     from heft.data.prepare import Prepared
 
-    p = Prepared(store_path, "", store.read_meta(store_path))
+    p = Prepared(store_path, "", store.read_meta(paths.path(store_path)))
     out = {"rss_before_mb": _rss_mb()}  # with grain and JAX imported: what the loader itself adds comes after
     for name, seq_len, batch, steps in (("16 x 128", 128, 16, 2000), ("256 x 1024", 1024, 256, 40)):
         best = float("inf")

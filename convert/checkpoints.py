@@ -10,12 +10,16 @@ so `heft eval` and `heft generate` read it directly.
 
 import contextlib
 
+from etils import epath
+
 from heft.convert import paths
+from heft.data import paths as data_paths
 
 
-def run_import(hf_dir: str, out: str, param_dtype: str = "float32"):
+def run_import(hf_dir: epath.PathLike, out: epath.PathLike, param_dtype: str = "float32"):
     """Imports `hf_dir` into a parameters-only checkpoint `out`, split over every device. Either may
     be a local folder or a gs:// one."""
+    hf_dir, out = data_paths.path(hf_dir), data_paths.path(out)
     paths.check_import_folder(out)  # before the slow part, and before the imports that take seconds
     from flax import nnx
 
@@ -31,13 +35,15 @@ def run_import(hf_dir: str, out: str, param_dtype: str = "float32"):
     config, params = hf.import_hf(hf_dir, checkpoint.serving_mesh(config), overrides)
     with contextlib.ExitStack() as stack:
         local = stack.enter_context(paths.local_copy(tokenizer_file)) if tokenizer_file else None
-        checkpoint.save_params(out, config, nnx.to_pure_dict(params), local, imported_from=hf_dir)
+        checkpoint.save_params(out, config, nnx.to_pure_dict(params), local, imported_from=str(hf_dir))
     return config
 
 
-def run_export(checkpoint_dir: str, out: str, dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3):
+def run_export(checkpoint_dir: epath.PathLike, out: epath.PathLike, dtype: str | None = None,
+               max_shard_bytes: int = 2 * 1024**3):
     """Exports a heft checkpoint as a Hugging Face folder `out`; returns the files written. Either
     may be a local folder or a gs:// one."""
+    out = data_paths.path(out)
     paths.check_export_folder(out)  # before the slow load
     from heft.convert import hf
     from heft.train import checkpoint

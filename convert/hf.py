@@ -14,11 +14,13 @@ from functools import cache
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from heft.convert import gpt2, llama, mixtral, paths, safetensors_io, t5, tokenizer
 from heft.convert.errors import ConvertError
+from heft.data import paths as data_paths
 from heft.model.build import abstract
 from heft.model.checks import check_model, sparse
 
@@ -28,10 +30,11 @@ FAMILIES = {family.MODEL_TYPE: family for family in (llama, gpt2, t5, mixtral)}
 # Which family, and the heft config.
 
 
-def read_config(hf_dir: str) -> dict:
-    if not paths.path(hf_dir).is_dir():
+def read_config(hf_dir: epath.PathLike) -> dict:
+    hf_dir = data_paths.path(hf_dir)
+    if not hf_dir.is_dir():
         raise ConvertError(f"{hf_dir} is not a directory; pass the folder holding config.json and the weights")
-    path = paths.path(hf_dir) / "config.json"
+    path = hf_dir / "config.json"
     if not path.exists():
         raise ConvertError(f"{hf_dir} has no config.json; pass a Hugging Face model folder")
     try:
@@ -66,7 +69,7 @@ def family_for(m):
                        "T5-shaped models")
 
 
-def heft_config(hf_dir: str, config_overrides: dict | None = None):
+def heft_config(hf_dir: epath.PathLike, config_overrides: dict | None = None):
     """The heft config of a folder's config.json, with dotted-field overrides
     (e.g. {"model.param_dtype": "bfloat16"}) applied, and checked."""
     hf = read_config(hf_dir)
@@ -113,7 +116,7 @@ def _check_plan(plan, expected: dict, family) -> None:
                            "this config cannot be converted")
 
 
-def _check_tensors(reader, plan, family, m, hf_dir: str) -> None:
+def _check_tensors(reader, plan, family, m, hf_dir: epath.Path) -> None:
     """Every tensor config.json implies is stored, with its shape and a float dtype, and nothing
     else is stored."""
     wanted = {t.hf: t for t in plan}
@@ -167,7 +170,7 @@ def _slot_writer(sharding):
         stacked, slot[None, None], (i, e) + (0,) * slot.ndim), out_shardings=sharding, donate_argnums=0)
 
 
-def import_hf(hf_dir: str, mesh=None, config_overrides: dict | None = None):
+def import_hf(hf_dir: epath.PathLike, mesh=None, config_overrides: dict | None = None):
     """Reads a Hugging Face Llama, GPT-2 or Mixtral folder (config.json + safetensors) into heft.
 
     mesh: place each parameter into the shards `heft.train.rules.shardings` gives on it;
@@ -180,6 +183,7 @@ def import_hf(hf_dir: str, mesh=None, config_overrides: dict | None = None):
     Raises ConvertError for an unsupported architecture, a missing, unexpected or misshapen
     tensor, and pickled weights, before any weight is read.
     """
+    hf_dir = data_paths.path(hf_dir)
     family = family_of(read_config(hf_dir))
     config = heft_config(hf_dir, config_overrides)
     m = config.model
@@ -221,8 +225,8 @@ def import_hf(hf_dir: str, mesh=None, config_overrides: dict | None = None):
 # Export.
 
 
-def export_hf(config, params, out_dir: str, max_shard_bytes: int = 2 * 1024**3, dtype: str | None = None,
-              tokenizer_path: str | None = None) -> list[str]:
+def export_hf(config, params, out_dir: epath.PathLike, max_shard_bytes: int = 2 * 1024**3, dtype: str | None = None,
+              tokenizer_path: epath.PathLike | None = None) -> list[str]:
     """Writes heft parameters as a Hugging Face folder that transformers' from_pretrained loads.
 
     params: an nnx.State of the model's parameters, or the same as a nested dict of arrays.
@@ -232,6 +236,8 @@ def export_hf(config, params, out_dir: str, max_shard_bytes: int = 2 * 1024**3, 
     Tensors are gathered one shard file at a time: host memory beyond the model is one file
     (at most `max_shard_bytes`, or one tensor if bigger). Returns the names of the files written.
     """
+    out_dir = data_paths.path(out_dir)
+    tokenizer_path = data_paths.path(tokenizer_path) if tokenizer_path else None
     m = config.model
     family = family_for(m)
     paths.check_export_folder(out_dir)
@@ -248,7 +254,7 @@ def export_hf(config, params, out_dir: str, max_shard_bytes: int = 2 * 1024**3, 
     from heft.train import storage
 
     with storage.whole_or_removed(out_dir, ConvertError):
-        paths.path(out_dir).mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
         dtype = jnp.dtype(dtype or m.param_dtype)
         by_name = {t.hf: t for t in plan}
         sizes = {t.hf: int(np.prod(t.shape)) * dtype.itemsize for t in plan}
@@ -269,7 +275,7 @@ def export_hf(config, params, out_dir: str, max_shard_bytes: int = 2 * 1024**3, 
             written.append(safetensors_io.INDEX)
         bos, eos = tokenizer.special_ids(tokenizer_path)
         hf_config = family.hf_config(m, dtype.name, bos, eos)
-        paths.path(out_dir).joinpath("config.json").write_text(json.dumps(hf_config, indent=2))
+        (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
         written.append("config.json")
         if tokenizer_path:
             written += tokenizer.write(tokenizer_path, out_dir)

@@ -11,15 +11,16 @@ read, and deleted before the next one.
 
 import contextlib
 import json
-import os
 
 import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16", which safetensors' numpy reader needs)
 import numpy as np
+from etils import epath
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from heft.convert import paths
 from heft.convert.errors import ConvertError
+from heft.data import paths as data_paths
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -35,12 +36,12 @@ class Reader:
     tensors file by file: one shard at a time is kept in a local temporary file. Use it in a `with`
     block, which deletes that file at the end."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: epath.Path):
         self.folder = folder
         self.files = _weight_map(folder)  # tensor name -> file name
         self._shapes = {}
         for file in sorted(set(self.files.values())):
-            self._shapes.update(header(paths.join(folder, file)))
+            self._shapes.update(header(folder / file))
         missing = sorted(n for n in self.files if n not in self._shapes)
         if missing:
             raise ConvertError(
@@ -79,9 +80,9 @@ class Reader:
 
     def _file(self, file: str) -> str:
         """A local path holding `file`: the file itself, or this folder's one temporary copy."""
-        source = paths.join(self.folder, file)
-        if paths.is_local(source):
-            return source
+        source = self.folder / file
+        if not data_paths.is_remote(source):
+            return str(source)
         if self._local is None or self._local[0] != file:
             self.close()
             self._local = (file, self._copies.enter_context(paths.local_copy(source)))
@@ -94,18 +95,18 @@ class Reader:
             with safe_open(self._file(file), "numpy") as f:
                 return f.get_tensor(name)
         except SafetensorError as e:
-            raise ConvertError(f"{paths.join(self.folder, file)} cannot be read ({e}); {REDOWNLOAD}") from None
+            raise ConvertError(f"{self.folder / file} cannot be read ({e}); {REDOWNLOAD}") from None
 
 
-def header(file: str) -> dict[str, tuple[tuple[int, ...], str]]:
+def header(file: epath.Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """{tensor name: (shape, dtype tag)} from a safetensors file's header, without its tensors.
 
     The layout is an 8-byte little-endian header length, the JSON header, then the tensors' bytes;
     a file whose size is not what its header describes (cut short by a download) is refused here,
     before any weight is read.
     """
-    size = paths.path(file).stat().length
-    with paths.path(file).open("rb") as f:
+    size = file.stat().length
+    with file.open("rb") as f:
         prefix = f.read(8)
         n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
         if n < 2 or 8 + n > size:
@@ -127,11 +128,10 @@ def header(file: str) -> dict[str, tuple[tuple[int, ...], str]]:
     return shapes
 
 
-def _weight_map(folder: str) -> dict[str, str]:
-    root = paths.path(folder)
-    if not root.is_dir():
+def _weight_map(folder: epath.Path) -> dict[str, str]:
+    if not folder.is_dir():
         raise ConvertError(f"{folder} is not a directory; pass the folder holding config.json and the weights")
-    index = root / INDEX
+    index = folder / INDEX
     if index.exists():
         try:
             weight_map = json.loads(index.read_text()).get("weight_map")
@@ -140,12 +140,12 @@ def _weight_map(folder: str) -> dict[str, str]:
         if not isinstance(weight_map, dict):
             raise ConvertError(f"{index} has no weight_map; re-download the checkpoint")
         for file in set(weight_map.values()):
-            if not (root / file).exists():
+            if not (folder / file).exists():
                 raise ConvertError(f"{index} names {file}, which is not in {folder}; download every shard")
         return weight_map
-    if (root / SINGLE).exists():
-        return {name: SINGLE for name in header(os.fspath(root / SINGLE))}
-    listing = [p.name for p in root.iterdir()]
+    if (folder / SINGLE).exists():
+        return {name: SINGLE for name in header(folder / SINGLE)}
+    listing = [p.name for p in folder.iterdir()]
     pickled = sorted(f for f in listing if f.endswith(PICKLED))
     if pickled:
         raise ConvertError(
@@ -178,13 +178,13 @@ def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
     return shards + [current] if current else shards
 
 
-def write_shard(folder: str, file: str, tensors: dict[str, np.ndarray]) -> None:
+def write_shard(folder: epath.Path, file: str, tensors: dict[str, np.ndarray]) -> None:
     """Writes one shard (locally, then uploaded when `folder` is in a bucket)."""
-    with paths.written_locally(paths.join(folder, file)) as local:
+    with paths.written_locally(folder / file) as local:
         # transformers refuses safetensors files without a "format" entry in their metadata.
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, local, metadata={"format": "pt"})
 
 
-def write_index(folder: str, weight_map: dict[str, str], total_bytes: int) -> None:
+def write_index(folder: epath.Path, weight_map: dict[str, str], total_bytes: int) -> None:
     text = json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2)
-    paths.path(folder).joinpath(INDEX).write_text(text)
+    (folder / INDEX).write_text(text)

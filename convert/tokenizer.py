@@ -8,6 +8,8 @@ local or in a bucket (gs://): tokenizers are read as bytes.
 
 import json
 
+from etils import epath
+
 from heft.convert import paths
 from heft.data import tokenizer as tokenizers
 from heft.data.errors import DataError
@@ -17,11 +19,11 @@ HF_JSON = "tokenizer.json"
 OLD_BPE_FILES = ("vocab.json", "merges.txt")  # GPT-2's files before tokenizer.json
 
 
-def _load(path: str):
-    return tokenizers.from_bytes(paths.path(path).read_bytes())
+def _load(path: epath.Path):
+    return tokenizers.from_bytes(path.read_bytes())
 
 
-def _readable(path: str) -> bool:
+def _readable(path: epath.Path) -> bool:
     try:
         _load(path)
         return True
@@ -29,28 +31,28 @@ def _readable(path: str) -> bool:
         return False
 
 
-def find(hf_dir: str) -> tuple[str | None, str | None]:
+def find(hf_dir: epath.Path) -> tuple[epath.Path | None, str | None]:
     """(path of the folder's tokenizer file or None, a note saying what was left behind and why)."""
-    spm = paths.join(hf_dir, SENTENCEPIECE)
-    if paths.path(spm).exists() and _readable(spm):
+    spm = hf_dir / SENTENCEPIECE
+    if spm.exists() and _readable(spm):
         return spm, None
-    hf = paths.join(hf_dir, HF_JSON)
-    if paths.path(hf).exists():
+    hf = hf_dir / HF_JSON
+    if hf.exists():
         if _readable(hf):
             return hf, None
         return None, (f"{hf} cannot be read by the tokenizers library; the weights are imported without a "
                       "tokenizer")
-    if paths.path(spm).exists():
+    if spm.exists():
         return None, (f"{spm} is not a sentencepiece model and the folder has no {HF_JSON}; the weights are "
                       "imported without a tokenizer")
-    old = [f for f in OLD_BPE_FILES if paths.path(hf_dir).joinpath(f).exists()]
+    old = [f for f in OLD_BPE_FILES if (hf_dir / f).exists()]
     if old:
         return None, (f"{hf_dir} has {' and '.join(old)} but no {HF_JSON}; save the tokenizer with transformers "
                       "(AutoTokenizer.from_pretrained(dir).save_pretrained(dir)) to write one, then import again")
     return None, f"{hf_dir} has no tokenizer; the weights are imported without one"
 
 
-def check_specials(path: str | None, hf: dict) -> str | None:
+def check_specials(path: epath.Path | None, hf: dict) -> str | None:
     """A note when config.json's bos/eos ids are not the ones heft reads from the tokenizer file."""
     if not path:
         return None
@@ -61,11 +63,11 @@ def check_specials(path: str | None, hf: dict) -> str | None:
         theirs = theirs[0] if isinstance(theirs, list) and theirs else theirs
         if theirs is not None and theirs != mine:
             said.append(f"config.json's {name}={theirs} but heft reads {mine if mine >= 0 else 'none'} "
-                        f"from {paths.path(path).name}")
+                        f"from {path.name}")
     return "; ".join(said) + " (generation stops at heft's)" if said else None
 
 
-def special_ids(path: str | None) -> tuple[int | None, int | None]:
+def special_ids(path: epath.Path | None) -> tuple[int | None, int | None]:
     """(bos, eos) ids of a tokenizer file, None where it has none (or there is no file)."""
     if not path:
         return None, None
@@ -73,22 +75,22 @@ def special_ids(path: str | None) -> tuple[int | None, int | None]:
     return (tok.bos_id if tok.bos_id >= 0 else None), (tok.eos_id if tok.eos_id >= 0 else None)
 
 
-def write(path: str, out_dir: str) -> list[str]:
+def write(path: epath.Path, out_dir: epath.Path) -> list[str]:
     """Copies the tokenizer under its own name, with the tokenizer_config.json that makes transformers'
     AutoTokenizer read it (a LlamaTokenizer for sentencepiece, BOS first as Llama's adds it; a fast
     tokenizer for tokenizer.json). Returns the files written."""
     tok = _load(path)
     piece = lambda i: tok.piece(i) if i >= 0 else None  # noqa: E731
     if isinstance(tok, tokenizers.HFTokenizer):
-        paths.copy(path, paths.join(out_dir, HF_JSON))
+        paths.copy(path, out_dir / HF_JSON)
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": piece(tok.bos_id),
                   "eos_token": piece(tok.eos_id), "unk_token": piece(tok.unk_id), "pad_token": piece(tok.pad_id)}
         name = HF_JSON
     else:
-        paths.copy(path, paths.join(out_dir, SENTENCEPIECE))
+        paths.copy(path, out_dir / SENTENCEPIECE)
         config = {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
                   "unk_token": piece(tok.unk_id), "pad_token": piece(tok.pad_id), "add_bos_token": tok.bos_id >= 0,
                   "add_eos_token": False, "legacy": True}
         name = SENTENCEPIECE
-    paths.path(out_dir).joinpath("tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return [name, "tokenizer_config.json"]

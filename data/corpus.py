@@ -27,6 +27,8 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+from etils import epath
+
 from heft.data import paths
 from heft.data.errors import DataError
 
@@ -49,7 +51,7 @@ def _embedded_file(corpus: str) -> dict[str, dict]:
         known = sorted(p.name[: -len(".jsonl.xz")] for p in embedded_path().parent.glob("*.jsonl.xz"))
         raise DataError(f"data.corpus={corpus!r} names no embedded file; choose one of "
                         f"{', '.join(f'embedded:{k}' for k in known)}")
-    return {str(path): paths.info(path)}
+    return {str(path): paths.info(paths.path(path))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +69,12 @@ def _suffix(path: str) -> str | None:
     return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if path.endswith(s)), None)
 
 
+def _no_bucket(corpus: str) -> bool:
+    return paths.is_gcs(corpus) and not paths.path(f"gs://{paths.bucket(corpus)}").exists()
+
+
 def _missing(corpus: str, where: str) -> DataError:
-    if paths.is_gcs(corpus) and not paths.exists(f"gs://{paths.bucket(corpus)}"):
+    if _no_bucket(corpus):
         return DataError(f"{where}: the bucket gs://{paths.bucket(corpus)} does not exist; fix the path or create the bucket")
     return DataError(f"{where} does not exist; pass a directory or glob of {_FORMATS} files")
 
@@ -79,7 +85,7 @@ def find(corpus: str) -> dict[str, dict]:
     Raises DataError if there are none.
     """
     if corpus == EMBEDDED:
-        return {str(embedded_path()): paths.info(embedded_path())}
+        return {str(embedded_path()): paths.info(paths.path(embedded_path()))}
     if corpus.startswith(EMBEDDED + ":"):
         return _embedded_file(corpus)
     where = f"data.corpus={corpus!r}"
@@ -89,19 +95,20 @@ def find(corpus: str) -> dict[str, dict]:
         except FileNotFoundError:
             matches = {}
         if not matches:
-            if paths.is_gcs(corpus) and not paths.exists(f"gs://{paths.bucket(corpus)}"):
+            if _no_bucket(corpus):
                 raise _missing(corpus, where)  # says which bucket
             raise DataError(f"{where} matches no files; pass a directory or glob of {_FORMATS} files")
         for p in matches:
             if _suffix(p) is None:
                 raise DataError(f"{where} matches {p}, which is not a {_FORMATS} file; narrow the glob")
         return matches
-    if paths.is_file(corpus):
+    p = paths.path(corpus)
+    if p.is_file():
         if _suffix(corpus) is None:
             raise DataError(f"{where} is not a {_FORMATS} file; pass one, or a directory or glob of them")
-        return {str(paths.path(corpus)): paths.info(corpus)}
-    if paths.is_dir(corpus):
-        files = {p: v for p, v in paths.files_under(corpus).items() if _suffix(p)}
+        return {str(p): paths.info(p)}
+    if p.is_dir():
+        files = {name: v for name, v in paths.files_under(p).items() if _suffix(name)}
         if not files:
             raise DataError(f"{where} is an empty corpus: it holds no {_FORMATS} files; add some")
         return files
@@ -218,7 +225,7 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def file_hashes(files: dict[str, dict], record) -> list[str]:
+def file_hashes(files: dict[str, dict], record: epath.Path | None) -> list[str]:
     """The sha256 of each file of `find()`, read from `record` (a JSON file in the cache) for files
     whose version is the one recorded, computed (and recorded) for the others.
 
@@ -227,9 +234,9 @@ def file_hashes(files: dict[str, dict], record) -> list[str]:
       record: where the hashes of this corpus are kept; None to hash every file.
     """
     known = {}
-    if record is not None and paths.exists(record):
+    if record is not None and record.exists():
         try:
-            known = json.loads(paths.read_bytes(record))
+            known = json.loads(record.read_bytes())
         except (ValueError, OSError):  # damaged (e.g. a disk filled up): hash again
             known = {}
     hashes, fresh = [], {}
@@ -257,7 +264,7 @@ def scan(files: dict[str, dict] | list[str], text_field: str, hashes: list[str] 
     Raises DataError on the first bad file, or if the files hold no document at all.
     """
     if not isinstance(files, dict):
-        files = {p: paths.info(p) for p in files}
+        files = {p: paths.info(paths.path(p)) for p in files}
     sources, kept, total = [], [], 0
     for i, (path, version) in enumerate(files.items()):
         n = size = 0

@@ -1,15 +1,28 @@
-"""Where the data stage's files live: a local disk, a shared filesystem or a `gs://` bucket, through one path layer.
+"""Where heft's files live: a local disk, a shared filesystem or a `gs://` bucket, through one path layer.
 
-Files are opened, read and written through etils `epath` (what orbax uses; gcsfs is its gs://
-backend), so a corpus or a cache on gs:// takes the same code path as a local one. Three things
+Every stage (data, train, eval, convert...) turns a path it is given into an etils `epath.Path`
+with `path()`, once, where the path enters (a flag, a config field, a public entry point such as
+`checkpoint.resolve` or `Checkpointer(workdir)`); everything inside takes that epath and never
+wraps it again. The rule is one for every stage:
+
+- a URL (`gs://bucket/key`, anything with `scheme://`) is kept as it is;
+- a local path has `~` expanded and is made absolute, relative to where heft started, so that it
+  names the same file in every later message, in a cache's records, and to orbax (which wants
+  absolute paths) whatever the process does after;
+- an epath already in that form is returned as it is, so calling `path()` at an entry point that
+  may also be reached from inside costs nothing and changes nothing.
+
+Files are opened, read and written through epath (what orbax uses; gcsfs is its gs:// backend),
+so a corpus, a cache or a checkpoint on gs:// takes the same code path as a local one. Three things
 epath does not offer are done here with fsspec, the library epath itself calls for gs://:
 listings that carry each file's size and version (epath lists names only, and a `stat` per
 object would be one request each), recursive globs (epath refuses `**`), and the tensorstore
-kvstore spec of a path.
+kvstore spec of a path. This layer lives in data/, the lowest floor that touches files, so that
+train/ and the stages above it build on it (train/storage.py, convert/paths.py).
 
 GCS facts that shape the callers:
 - gcsfs caches listings, which go stale when another host writes the bucket; hosts coordinate
-  through files here, so that cache is off for gs:// (train/storage.py makes the same choice).
+  through files here, so that cache is off for gs://.
 - GCS has no atomic rename. One upload is one object, visible only once complete, so a small
   file is written in one go (`write_bytes`); what marks a larger thing complete is written last.
 """
@@ -30,38 +43,46 @@ fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 GLOB_CHARS = frozenset("*?[")
 
 
-def is_gcs(p) -> bool:
-    return str(p).startswith("gs://")
+def is_remote(p: epath.PathLike) -> bool:
+    """Whether `p` is a URL (gs://...) rather than a local path."""
+    return "://" in os.fspath(p)
 
 
-def path(p) -> epath.Path:
-    """`p` as an epath: a gs:// URL as it is, a local path with `~` expanded."""
-    p = str(p)
-    return epath.Path(p if is_gcs(p) else os.path.expanduser(p))
+def is_gcs(p: epath.PathLike) -> bool:
+    return os.fspath(p).startswith("gs://")
 
 
-def bucket(p) -> str:
+def path(p: epath.PathLike) -> epath.Path:
+    """`p` as the epath every function inside heft takes: a URL as it is, a local path with `~`
+    expanded and made absolute; an epath already in that form is returned as it is."""
+    if isinstance(p, epath.Path) and p.is_absolute():
+        return p
+    p = os.fspath(p)
+    return epath.Path(p if is_remote(p) else os.path.abspath(os.path.expanduser(p)))
+
+
+def bucket(p: epath.PathLike) -> str:
     """The bucket of a gs:// path: gs://BUCKET/key -> BUCKET."""
     return str(p)[len("gs://"):].split("/", 1)[0]
 
 
-def check_bucket(p, field: str) -> None:
+def check_bucket(p: epath.Path, field: str) -> None:
     """Raises DataError if `p` is on a gs:// bucket that does not exist (no-op for local paths)."""
-    if is_gcs(p) and not epath.Path(f"gs://{bucket(p)}").exists():
+    if is_gcs(p) and not path(f"gs://{bucket(p)}").exists():
         raise DataError(f"{field}={str(p)!r}: the bucket gs://{bucket(p)} does not exist; create it or fix the path")
 
 
-def kvstore(p) -> dict:
+def kvstore(p: epath.Path) -> dict:
     """The tensorstore kvstore spec of a directory: the `gcs` driver for gs://, `file` otherwise."""
-    p = str(p)
+    p = os.fspath(p)
     if is_gcs(p):
         key = p[len("gs://"):].split("/", 1)[1] if "/" in p[len("gs://"):] else ""
         return {"driver": "gcs", "bucket": bucket(p), "path": key.rstrip("/") + "/"}
-    return {"driver": "file", "path": os.path.expanduser(p)}
+    return {"driver": "file", "path": p}
 
 
-def _fs(p) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(str(p) if is_gcs(p) else os.path.expanduser(str(p)))
+def _fs(p: epath.Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(os.fspath(p))
 
 
 def _url(fs, name: str) -> str:
@@ -76,7 +97,7 @@ def version(info: dict) -> dict:
     return {"size": int(info["size"]), "mtime": info.get("mtime")}
 
 
-def info(p) -> dict:
+def info(p: epath.Path) -> dict:
     """`version()` of one file. Raises FileNotFoundError if it is missing."""
     fs, name = _fs(p)
     return version(fs.info(name))
@@ -87,7 +108,7 @@ def _hidden(name: str, root: str) -> bool:
     return any(part.startswith(".") for part in rel.split("/"))
 
 
-def files_under(directory) -> dict[str, dict]:
+def files_under(directory: epath.Path) -> dict[str, dict]:
     """Every file below `directory` whose path below it has no hidden (dot) part: {path: version}."""
     fs, root = _fs(directory)
     found = fs.find(root, detail=True)
@@ -95,35 +116,19 @@ def files_under(directory) -> dict[str, dict]:
             if i.get("type") == "file" and not _hidden(n, root.rstrip("/"))}
 
 
-def glob(pattern) -> dict[str, dict]:
+def glob(pattern: str) -> dict[str, dict]:
     """Files matching `pattern` ({path: version}, sorted), where `**` spans folders as in
-    `glob.glob(recursive=True)`; as there, wildcards do not match hidden (dot) names."""
-    fs, pat = _fs(pattern)
+    `glob.glob(recursive=True)`; as there, wildcards do not match hidden (dot) names. A local
+    pattern follows `path()`'s rule (`~` expanded, made absolute)."""
+    fs, pat = _fs(path(pattern))
     root = pat[: min((pat.find(c) for c in GLOB_CHARS if c in pat), default=len(pat))].rsplit("/", 1)[0]
     found = fs.glob(pat, detail=True)
     return {_url(fs, n): version(i) for n, i in sorted(found.items())
             if i.get("type") == "file" and not _hidden(n, root)}
 
 
-def exists(p) -> bool:
-    return path(p).exists()
-
-
-def is_dir(p) -> bool:
-    return path(p).is_dir()
-
-
-def is_file(p) -> bool:
-    return path(p).is_file()
-
-
-def read_bytes(p) -> bytes:
-    return path(p).read_bytes()
-
-
-def write_bytes(target, data: bytes) -> None:
+def write_bytes(target: epath.Path, data: bytes) -> None:
     """Writes a whole small file so that a reader sees the old content, or none, or all of the new."""
-    target = path(target)
     if is_gcs(target):
         target.write_bytes(data)  # one object upload: visible only once complete
         return
@@ -140,18 +145,13 @@ def write_bytes(target, data: bytes) -> None:
         raise
 
 
-def remove_tree(p) -> None:
+def remove_tree(p: epath.Path) -> None:
     """Deletes a folder and everything below it, if it exists."""
-    p = path(p)
     try:
         if p.is_dir():
             p.rmtree()
     except FileNotFoundError:  # removed meanwhile, or on GCS a prefix with nothing under it
         pass
-
-
-def remove_file(p) -> None:
-    path(p).unlink(missing_ok=True)
 
 
 def no_space(e: BaseException) -> bool:
@@ -168,11 +168,11 @@ def no_space(e: BaseException) -> bool:
     return False
 
 
-def device_of(p) -> str:
+def device_of(p: epath.Path) -> str:
     """What to call the storage holding `p` in a message: `gs://bucket`, or the filesystem (device and
     mount point) from /proc/mounts."""
-    p = str(p)
-    if "://" in p:
+    p = os.fspath(p)
+    if is_remote(p):
         scheme, _, rest = p.partition("://")
         return f"{scheme}://{rest.split('/')[0]}"
     best = ("", "")

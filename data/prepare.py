@@ -28,6 +28,8 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 
+from etils import epath
+
 from heft.data import corpus, paths, store, tokenizer
 from heft.data.errors import DataError, PrepareStopped
 
@@ -60,7 +62,7 @@ class Prepared:
         return tokenizer.from_bytes(self.tokenizer_bytes())
 
 
-def cache_dir(configured: str):
+def cache_dir(configured: str) -> epath.Path:
     """data.cache_dir, else $HEFT_CACHE, else ~/.cache/heft; an epath (local or gs://)."""
     return paths.path(configured or os.environ.get("HEFT_CACHE") or "~/.cache/heft")
 
@@ -89,12 +91,12 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _cached(store_path, tok_path) -> dict | None:
+def _cached(store_path: epath.Path, tok_path: epath.Path) -> dict | None:
     """The store's metadata if it is complete and the very tokenizer that made it is in the cache."""
     meta = store.read_meta(store_path)
-    if meta is None or meta.get("format") != FORMAT or not paths.is_file(tok_path):
+    if meta is None or meta.get("format") != FORMAT or not tok_path.is_file():
         return None
-    if meta["tokenizer"]["sha256"] != _sha256(paths.read_bytes(tok_path)):
+    if meta["tokenizer"]["sha256"] != _sha256(tok_path.read_bytes()):
         return None  # the tokenizer was retrained since; its ids differ from the store's
     return meta
 
@@ -106,14 +108,15 @@ def _document_start(config) -> str:
     return start
 
 
-def existing(config, store_path: str, tokenizer_path: str) -> Prepared | None:
+def existing(config, store_path: epath.PathLike, tokenizer_path: epath.PathLike) -> Prepared | None:
     """The store at store_path, if it is complete and was made by the tokenizer at tokenizer_path
     (e.g. process 0's, in a cache every process shares); else None."""
-    meta = _cached(paths.path(store_path), paths.path(tokenizer_path))
+    store_path, tokenizer_path = paths.path(store_path), paths.path(tokenizer_path)
+    meta = _cached(store_path, tokenizer_path)
     return None if meta is None else _prepared(store_path, tokenizer_path, meta, True, _document_start(config))
 
 
-def _prepared(store_path, tok_path, meta: dict, cached: bool, document_start: str) -> Prepared:
+def _prepared(store_path: epath.Path, tok_path: epath.Path, meta: dict, cached: bool, document_start: str) -> Prepared:
     if document_start == "bos" and meta["tokenizer"]["bos_id"] < 0:
         raise DataError(
             f"data.document_start='bos' but the tokenizer {tok_path} has no BOS id; "
@@ -157,7 +160,7 @@ def tokenizer_vocab(config) -> int:
     return int(config.model.vocab) - int(config.data.get("sentinels", 0) or 0)
 
 
-def _train_tokenizer(texts: Iterable[str], config, path) -> None:
+def _train_tokenizer(texts: Iterable[str], config, path: epath.Path) -> None:
     d = config.data
     paths.write_bytes(path, tokenizer.train(texts, d.tokenizer, tokenizer_vocab(config), threads=d.workers))
 
@@ -189,8 +192,8 @@ def _encoded(batches: Iterator[list[str]], model: bytes, workers: int) -> Iterat
             yield pending.popleft().result()
 
 
-def _write_tokens(texts: Iterable[str], config, tok_bytes: bytes, store_path, total_bytes: int, progress: bool,
-                  heldout_document: int, stop=lambda: False) -> tuple[store.Writer, int]:
+def _write_tokens(texts: Iterable[str], config, tok_bytes: bytes, store_path: epath.Path, total_bytes: int,
+                  progress: bool, heldout_document: int, stop=lambda: False) -> tuple[store.Writer, int]:
     """Tokenizes every document in `data.workers` processes into a new store at store_path.
 
     Returns the writer (to be closed) and where document `heldout_document` (the held-out split's
@@ -223,7 +226,7 @@ def _write_tokens(texts: Iterable[str], config, tok_bytes: bytes, store_path, to
 
 
 @contextlib.contextmanager
-def _full_disk_in_one_line(root):
+def _full_disk_in_one_line(root: epath.Path):
     try:
         yield
     except Exception as e:
@@ -247,12 +250,13 @@ def prepare(config, *, progress: bool = True, tokenizer_path: str | None = None,
     once `stop()` turns True while the corpus is tokenized (checked after each batch; a tokenizer
     being trained finishes first), after removing the store's partial array.
     """
-    with _full_disk_in_one_line(cache_dir(config.data.cache_dir)):
-        return _prepare(config, progress=progress, tokenizer_path=tokenizer_path, tokenizer_bytes=tokenizer_bytes,
+    root = cache_dir(config.data.cache_dir)
+    with _full_disk_in_one_line(root):
+        return _prepare(config, root, progress=progress, tokenizer_path=tokenizer_path, tokenizer_bytes=tokenizer_bytes,
                         stop=stop)
 
 
-def _prepare(config, *, progress: bool, tokenizer_path: str | None, tokenizer_bytes: bytes | None,
+def _prepare(config, root: epath.Path, *, progress: bool, tokenizer_path: str | None, tokenizer_bytes: bytes | None,
              stop) -> Prepared:
     start = time.perf_counter()
     d = config.data
@@ -263,7 +267,6 @@ def _prepare(config, *, progress: bool, tokenizer_path: str | None, tokenizer_by
         tokenizer_path = d.tokenizer  # a given file (e.g. an imported model's tokenizer.json), used as it is
     corpus.heldout_count(2, d.heldout_fraction)  # checks the fraction's range before any work
     document_start = _document_start(config)
-    root = cache_dir(d.cache_dir)
     paths.check_bucket(root, "data.cache_dir")
     files = corpus.find(d.corpus)
     hashes = corpus.file_hashes(files, root / "corpus" / f"{_sha256(str(d.corpus).encode())[:24]}.json")
@@ -277,14 +280,14 @@ def _prepare(config, *, progress: bool, tokenizer_path: str | None, tokenizer_by
     sources, kept = corpus.scan(files, d.text_field, hashes, keep_bytes=KEEP_BYTES)
     n_docs = sum(s.documents for s in sources)
     n_heldout = corpus.heldout_count(n_docs, d.heldout_fraction)
-    if given is not None and not paths.is_file(tok_path):
+    if given is not None and not tok_path.is_file():
         paths.write_bytes(tok_path, given)
-    if not paths.is_file(tok_path):
+    if not tok_path.is_file():
         # Trained on the training documents only, so held-out text is new to it too.
         _train_tokenizer(_documents(files, d.text_field, n_docs - n_heldout, kept), config, tok_path)
         if (meta := _cached(store_path, tok_path)) is not None:  # retrained identically
             return _prepared(store_path, tok_path, meta, True, document_start)
-    tok_bytes = paths.read_bytes(tok_path)
+    tok_bytes = tok_path.read_bytes()
     tok = tokenizer.from_bytes(tok_bytes)
     text_bytes = sum(s.text_bytes for s in sources)
     if stop():

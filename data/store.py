@@ -32,6 +32,7 @@ import uuid
 
 import numpy as np
 import tensorstore as ts
+from etils import epath
 
 from heft.data import paths
 from heft.data.errors import DataError
@@ -53,7 +54,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.int32)
 
 
-def _spec(folder, dtype: np.dtype | None = None) -> dict:
+def _spec(folder: epath.Path, dtype: np.dtype | None = None) -> dict:
     spec = {"driver": "zarr3", "kvstore": paths.kvstore(folder)}
     if dtype is not None:
         inner = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 3}}]
@@ -70,24 +71,24 @@ def _spec(folder, dtype: np.dtype | None = None) -> dict:
     return spec
 
 
-def read_meta(path) -> dict | None:
+def read_meta(path: epath.Path) -> dict | None:
     """The store's meta.json if the store is complete (of any format), else None."""
     try:
-        return json.loads(paths.read_bytes(paths.path(path) / META))
+        return json.loads((path / META).read_bytes())
     except FileNotFoundError:
         return None
 
 
-def exists(path) -> bool:
+def exists(path: epath.PathLike) -> bool:
     """Whether a complete store of this FORMAT is at `path`."""
-    meta = read_meta(path)
+    meta = read_meta(paths.path(path))
     return meta is not None and meta.get("format") == FORMAT
 
 
 class Writer:
     """Appends documents' token ids to a new store at `path`; `close(meta)` marks it complete."""
 
-    def __init__(self, path, dtype: np.dtype, eos_id: int):
+    def __init__(self, path: epath.PathLike, dtype: np.dtype, eos_id: int):
         self.path = paths.path(path)
         self.array = f"tokens-{uuid.uuid4().hex[:12]}"
         self._dtype = np.dtype(dtype)
@@ -207,12 +208,13 @@ def _context(cache_bytes: int | None) -> ts.Context:
     return _shared_context
 
 
-def open_store(path, cache_bytes: int | None = None) -> TokenStore:
+def open_store(path: epath.PathLike, cache_bytes: int | None = None) -> TokenStore:
     """Opens the complete store at `path` for reading. Decoded chunks are kept in the process's
     shared cache of READ_CACHE_BYTES, or, given `cache_bytes`, in a cache of this store's own.
 
     Raises DataError if there is no complete store there, or one of another format, or a damaged one.
     """
+    path = paths.path(path)
     meta = read_meta(path)
     if meta is None:
         raise DataError(
@@ -224,7 +226,7 @@ def open_store(path, cache_bytes: int | None = None) -> TokenStore:
             f"run heft prepare with the same config to rebuild it"
         )
     try:
-        tokens = ts.open(_spec(paths.path(path) / meta["array"]), open=True, read=True, context=_context(cache_bytes)).result()
+        tokens = ts.open(_spec(path / meta["array"]), open=True, read=True, context=_context(cache_bytes)).result()
     except ValueError as e:  # tensorstore's NOT_FOUND and friends
         raise DataError(
             f"the token store at {path} is damaged ({str(e).splitlines()[0][:200]}); "

@@ -18,6 +18,7 @@ sentencepiece's generator is seeded for whatever else it draws.
 """
 
 import io
+import os
 import random
 import re
 from collections.abc import Iterable, Iterator
@@ -164,13 +165,13 @@ class Tokenizer:
         return text.replace("\u2581", " ")
 
 
-def read(path: str) -> bytes:
+def read(path: "str | os.PathLike") -> bytes:
     """The bytes of a tokenizer file (sentencepiece .model or tokenizer.json), local or on gs://.
     Raises DataError if it is missing."""
     from heft.data import paths  # here, not above: tokenizing workers import this module and read no files
 
     try:
-        return paths.read_bytes(path)
+        return paths.path(path).read_bytes()
     except FileNotFoundError:
         raise DataError(f"the tokenizer {path} does not exist; check the path (or the checkpoint it came from)") from None
 

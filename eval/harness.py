@@ -30,9 +30,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from heft.data import paths
 from heft.eval import generate as generation
 from heft.model.build import bind as bind_float
 from heft.model.checks import ConfigError
@@ -241,23 +243,23 @@ def table(summary_: dict) -> str:
     return "\n".join(lines)
 
 
-def results_path(checkpoint_dir) -> str:
+def results_path(checkpoint_dir: epath.PathLike) -> epath.Path:
     """Where a checkpoint's results go: beside it, as NAME.eval.json; for a step of a training
     workdir (WORKDIR/checkpoints/STEP), WORKDIR/eval/STEP.json, outside the folder that orbax and
     retention manage. Local or gs://."""
-    p = storage.path(checkpoint_dir)
+    p = paths.path(checkpoint_dir)
     if p.parent.name == "checkpoints" and p.name.isdigit():
-        return str(p.parent.parent / "eval" / f"{p.name}.json")
-    return str(p.parent / f"{p.name}.eval.json")
+        return p.parent.parent / "eval" / f"{p.name}.json"
+    return p.parent / f"{p.name}.eval.json"
 
 
-def write_results(checkpoint_dir, summary_: dict, **facts) -> str:
+def write_results(checkpoint_dir: epath.PathLike, summary_: dict, **facts) -> epath.Path:
     """Adds these tasks' results to the checkpoint's results file (earlier tasks are kept); returns its path."""
-    path = results_path(checkpoint_dir)
-    p = storage.path(path)
+    checkpoint_dir = paths.path(checkpoint_dir)
+    p = results_path(checkpoint_dir)
     previous = storage.read_json(p) if p.exists() else {}
     tasks = {**previous.get("tasks", {}), **summary_}
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     p.parent.mkdir(parents=True, exist_ok=True)
     storage.write_json(p, {**previous, "checkpoint": str(checkpoint_dir), "tasks": tasks, "updated_at": when, **facts})
-    return path
+    return p

@@ -5,8 +5,9 @@ names the fix; each pass is a note.
 
 import os
 
+from heft.data import paths
 from heft.model.checks import ConfigError
-from heft.train import checks, sharding, storage
+from heft.train import checks, sharding
 
 # Filesystems that several machines mount as one (/proc/mounts' type column).
 SHARED_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "cephfs", "glusterfs",
@@ -44,10 +45,10 @@ def filesystem(path: str) -> str | None:
 def check_workdir(workdir: str, backend: str, shared_ok: bool) -> str:
     """The workdir is one place for every host: a gs:// folder whose bucket exists, or (`shared_ok`:
     SLURM's nodes) a path on a network filesystem."""
-    if storage.is_remote(storage.path(workdir)):
+    if paths.is_remote(workdir):
         bucket = workdir.split("/")[2]
         try:
-            reachable = storage.path(f"gs://{bucket}").exists()
+            reachable = paths.path(f"gs://{bucket}").exists()
         except Exception as e:  # no credentials, no network: say which
             raise ConfigError(f"--workdir={workdir}: bucket gs://{bucket} cannot be read from here "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); check your credentials "

@@ -11,6 +11,7 @@ Importing this module registers the `quantized` kind with heft.train.checkpoint'
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from heft.quantize import model, rules
 from heft.train import checkpoint, sharding
@@ -62,7 +63,8 @@ def _convert(tree, to_shardings, fn, like=None):
                    out_shardings=to_shardings)(tree)
 
 
-def save(directory: str, config, qparams: dict, tokenizer_path: str | None = None, **facts) -> None:
+def save(directory: epath.PathLike, config, qparams: dict, tokenizer_path: epath.PathLike | None = None,
+         **facts) -> None:
     """A sealed parameters-only checkpoint of quantized parameters (int4 packed)."""
     mesh = jax.tree.leaves(qparams)[0].sharding.mesh
     stored = jax.tree.map(lambda s: s.sharding, _stored_abstract(config, mesh))
@@ -71,7 +73,7 @@ def save(directory: str, config, qparams: dict, tokenizer_path: str | None = Non
     checkpoint.save_params(directory, config, packed, tokenizer_path, quantized=rules.describe(config), **facts)
 
 
-def _load(directory, facts: dict, config, mesh, verify: bool) -> checkpoint.Loaded:
+def _load(directory: epath.Path, facts: dict, config, mesh, verify: bool) -> checkpoint.Loaded:
     """Reads a quantized checkpoint (already verified by `checkpoint.load`): int4 values unpacked, each
     array in `model.shardings`; the model it binds runs on the integers and scales."""
     packed = checkpoint.read_params(directory, _stored_abstract(config, mesh))

@@ -14,7 +14,9 @@ import csv
 import io
 
 import numpy as np
+from etils import epath
 
+from heft.data import paths
 from heft.scaling import fit, sweep
 from heft.train import size, storage
 
@@ -92,7 +94,7 @@ def lr_optima(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _plots(rows: list[dict], points: list[sweep.Point], laws: dict, out) -> list[str]:
+def _plots(rows: list[dict], points: list[sweep.Point], laws: dict, out: epath.Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,7 +107,7 @@ def _plots(rows: list[dict], points: list[sweep.Point], laws: dict, out) -> list
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
         plt.close(fig)
-        storage.write_bytes(out / name, buf.getvalue())
+        paths.write_bytes(out / name, buf.getvalue())
         written.append(name)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -147,11 +149,12 @@ def _plots(rows: list[dict], points: list[sweep.Point], laws: dict, out) -> list
     return written
 
 
-def write(path: str, workdir: str, plots: bool = True) -> dict:
+def write(path: str, workdir: epath.PathLike, plots: bool = True) -> dict:
     """Collects every point with a held-out loss, writes the table, fits and plots; returns the fits."""
+    workdir = paths.path(workdir)
     points = sweep.points(path, workdir)
     rows = [r for r in (row(p) for p in points) if r is not None]
-    out = storage.path(workdir) / "report"
+    out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     if not rows:
         return {}
@@ -159,8 +162,8 @@ def write(path: str, workdir: str, plots: bool = True) -> dict:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    storage.write_bytes(out / "table.csv", buf.getvalue().encode())
-    storage.write_bytes(out / "table.md", _markdown(rows).encode())
+    paths.write_bytes(out / "table.csv", buf.getvalue().encode())
+    paths.write_bytes(out / "table.md", _markdown(rows).encode())
     laws = fits(rows)
     storage.write_json(out / "fits.json", laws)
     if plots:

@@ -19,8 +19,11 @@ import subprocess
 import sys
 import time
 
+from etils import epath
+
+from heft.data import paths
 from heft.model.checks import ConfigError
-from heft.train import manifest, storage
+from heft.train import manifest
 
 
 def load(path: str):
@@ -42,12 +45,12 @@ class Point:
     name: str
     overrides: dict
     config: object  # the point's ConfigDict
-    workdir: str
+    workdir: epath.Path
 
     @property
     def sealed_step(self) -> int | None:
         """The newest sealed step in this point's workdir, or None."""
-        root = storage.path(self.workdir) / "checkpoints"
+        root = self.workdir / "checkpoints"
         if not root.exists():
             return None
         steps = [int(p.name) for p in root.iterdir() if p.name.isdigit() and manifest.is_sealed(p)]
@@ -59,13 +62,14 @@ class Point:
         return "todo" if step is None else "done" if step >= self.config.train.steps else "partial"
 
 
-def points(path: str, workdir: str) -> list[Point]:
+def points(path: str, workdir: epath.PathLike) -> list[Point]:
+    workdir = paths.path(workdir)
     module = load(path)
     out = []
     for name, overrides in module.points().items():
         if not name or any(c in name for c in "/: "):
             raise ConfigError(f"sweep point name {name!r} in {path} must be a non-empty name without '/', ':' or spaces")
-        out.append(Point(name, dict(overrides), module.get_config(name), str(storage.path(workdir) / name)))
+        out.append(Point(name, dict(overrides), module.get_config(name), workdir / name))
     return out
 
 
@@ -75,7 +79,7 @@ def command(path: str, point: Point, extra: list[str] = ()) -> list[str]:
             f"--workdir={point.workdir}", *extra]
 
 
-def run(path: str, workdir: str, parallel: int = 1, extra: list[str] = (), note=print) -> list[str]:
+def run(path: str, workdir: epath.PathLike, parallel: int = 1, extra: list[str] = (), note=print) -> list[str]:
     """Runs every point that is not done, `parallel` at a time; each logs to WORKDIR/NAME/train.log.
 
     Returns the names of the points whose runs failed (a learning rate too high diverges: its log
@@ -104,6 +108,6 @@ def run(path: str, workdir: str, parallel: int = 1, extra: list[str] = (), note=
     return failed
 
 
-def metrics(workdir: str) -> list[dict]:
-    path = storage.path(workdir) / "metrics.jsonl"
+def metrics(workdir: epath.Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

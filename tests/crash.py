@@ -52,9 +52,9 @@ while True:
 
 
 def _steps(directory: str) -> list:
-    from heft.train import storage
+    from heft.data import paths
 
-    directory = storage.path(directory)
+    directory = paths.path(directory)
     if not directory.exists():
         return []
     return sorted((p for p in directory.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))

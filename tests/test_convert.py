@@ -18,6 +18,7 @@ from heft.convert import safetensors_io
 from heft.convert.errors import ConvertError
 from heft.convert.hf import export_hf, import_hf
 from heft.convert.tokenizer import find as find_tokenizer
+from heft.data import paths
 from heft.model.decoder import Decoder
 
 torch = pytest.importorskip("torch")
@@ -275,12 +276,12 @@ def test_sentencepiece_tokenizer_is_imported_and_exported_with_the_weights(tmp_p
     original = str(tmp_path / "original")
     model = _save_hf(transformers.LlamaForCausalLM, _llama_hf_config(), original)
     shutil.copyfile(sentencepiece_model, os.path.join(original, "tokenizer.model"))
-    tokenizer, note = find_tokenizer(original)
-    assert tokenizer == os.path.join(original, "tokenizer.model") and note is None
+    tokenizer, note = find_tokenizer(paths.path(original))
+    assert str(tokenizer) == os.path.join(original, "tokenizer.model") and note is None
 
     # The prompt as heft tokenizes it (sentencepiece, with BOS) continues as transformers continues it.
     config, params = import_hf(original)
-    sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
     prompt = np.array([[sp.bos_id()] + sp.encode("def rope(x, positions, m):")])
     np.testing.assert_array_equal(_heft_greedy(config, params, prompt), _hf_greedy(model, prompt))
 
@@ -296,7 +297,7 @@ def test_sentencepiece_tokenizer_is_imported_and_exported_with_the_weights(tmp_p
 def test_vocab_and_merges_without_tokenizer_json_are_left_behind_with_a_note(gpt2, tmp_path):
     (tmp_path / "vocab.json").write_text("{}")
     (tmp_path / "merges.txt").write_text("")
-    path, note = find_tokenizer(str(tmp_path))
+    path, note = find_tokenizer(paths.path(tmp_path))
     assert path is None and "vocab.json and merges.txt" in note and "tokenizer.json" in note
 
 

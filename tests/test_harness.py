@@ -138,9 +138,9 @@ def test_results_are_written_beside_a_gs_checkpoint_and_kept_across_runs(gcs):
     from heft.train import storage
 
     ckpt = f"{gcs}/llama-int4"
-    assert harness.results_path(ckpt) == f"{gcs}/llama-int4.eval.json"
+    assert str(harness.results_path(ckpt)) == f"{gcs}/llama-int4.eval.json"
     harness.write_results(ckpt, {"a": {"acc": 0.5}})
     harness.write_results(ckpt, {"b": {"acc": 0.75}}, weights="int4, groups of 32")
     saved = storage.read_json(harness.results_path(ckpt))
     assert saved["tasks"] == {"a": {"acc": 0.5}, "b": {"acc": 0.75}} and saved["weights"] == "int4, groups of 32"
-    assert harness.results_path("runs/tiny/checkpoints/600").endswith("runs/tiny/eval/600.json")
+    assert str(harness.results_path("runs/tiny/checkpoints/600")).endswith("runs/tiny/eval/600.json")

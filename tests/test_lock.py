@@ -11,10 +11,12 @@ import time
 
 import pytest
 
+from heft.data import paths
 from heft.train import lock
 
 RACE = r"""
 import sys, time
+from heft.data import paths
 from heft.train import lock
 workdir, start = sys.argv[1], float(sys.argv[2])
 held = lock.WorkdirLock(workdir)
@@ -54,11 +56,11 @@ def _here(pid: int, **changes) -> dict:
 
 
 def _write(workdir, record: dict) -> None:
-    lock.kvstore(workdir).write(lock.NAME, json.dumps(record).encode()).result()
+    lock.kvstore(paths.path(workdir)).write(lock.NAME, json.dumps(record).encode()).result()
 
 
 def _holder(workdir) -> dict:
-    return json.loads(lock.kvstore(workdir).read(lock.NAME).result().value)
+    return json.loads(lock.kvstore(paths.path(workdir)).read(lock.NAME).result().value)
 
 
 @pytest.fixture(params=["local", "gcs"])
@@ -247,4 +249,4 @@ def test_a_second_run_is_refused_on_gcs_and_a_released_lock_is_gone(gcs):
     with pytest.raises(lock.WorkdirInUse, match="in use by another heft train"):
         lock.WorkdirLock(gcs + "/run").acquire()
     first.release()
-    assert lock.kvstore(gcs + "/run").read(lock.NAME).result().state == "missing"
+    assert lock.kvstore(paths.path(gcs + "/run")).read(lock.NAME).result().state == "missing"

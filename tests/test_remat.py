@@ -56,7 +56,7 @@ def test_a_gs_cache_keeps_the_choice_for_the_next_run(gcs, monkeypatch):
     c = _config()
     mesh = sharding.make_mesh(c)
     assert remat.resolve(c, mesh, note=lambda line: None) is timed
-    assert remat.cache_file(remat.cache_key(c, mesh)[0]).startswith(gcs + "/remat/")
+    assert str(remat.cache_file(remat.cache_key(c, mesh)[0])).startswith(gcs + "/remat/")
     monkeypatch.setattr(remat, "_time", lambda config, mesh: pytest.fail("the gs:// cache was not read"))
     again = remat.resolve(c, mesh, note=lambda line: None)
     assert again.remat == "full" and again.seconds == timed.seconds and again.how.startswith("cached: timed")

@@ -113,11 +113,11 @@ def check_train(config) -> None:
 
 def check_keys(config) -> None:
     """`checkpoint.signing_key` and `verify_key`, when set, name files that exist (local or gs://)."""
-    from heft.train import storage
+    from heft.data import paths
 
     for field in ("signing_key", "verify_key"):
         value = config.checkpoint.get(field) or ""
-        if value and not storage.path(value).exists():
+        if value and not paths.path(value).exists():
             raise ConfigError(f"checkpoint.{field}={value!r} does not exist; make a key pair with "
                               "`heft verify --new_key=PATH` or unset the field")
 

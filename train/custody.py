@@ -19,6 +19,9 @@ import threading
 import time
 import zlib
 
+from etils import epath
+
+from heft.data import paths
 from heft.train import manifest, storage
 from heft.train.manifest import CheckpointError
 
@@ -34,17 +37,17 @@ def owner(rel: str, process_count: int) -> int:
     return zlib.crc32(rel.encode()) % process_count
 
 
-def hash_share(directory, process_index: int, process_count: int) -> dict:
+def hash_share(directory: epath.Path, process_index: int, process_count: int) -> dict:
     """{rel: {"sha256", "bytes"}} for this process's share of the checkpoint's files."""
-    return {rel: dict(zip(("sha256", "bytes"), manifest.sha256_file(storage.path(directory) / rel)))
+    return {rel: dict(zip(("sha256", "bytes"), manifest.sha256_file(directory / rel)))
             for rel in manifest.content_files(directory) if owner(rel, process_count) == process_index}
 
 
-def _partial(directory, i: int):
-    return storage.path(directory) / manifest.SCRATCH / f"process_{i}.json"
+def _partial(directory: epath.Path, i: int) -> epath.Path:
+    return directory / manifest.SCRATCH / f"process_{i}.json"
 
 
-def _wait_for_partials(directory, process_count: int, timeout: float, cancelled) -> dict:
+def _wait_for_partials(directory: epath.Path, process_count: int, timeout: float, cancelled) -> dict:
     found: dict = {}
     deadline = time.monotonic() + timeout
     delay = 0.05
@@ -64,17 +67,16 @@ def _wait_for_partials(directory, process_count: int, timeout: float, cancelled)
         delay = min(delay * 2, 1.0)
 
 
-def seal(directory, facts: dict, process_index: int, process_count: int, *, extra_files: dict | None = None,
+def seal(directory: epath.Path, facts: dict, process_index: int, process_count: int, *, extra_files: dict | None = None,
          signing_key: str | None = None, timeout: float = MERGE_TIMEOUT_S, cancelled=lambda: False) -> dict | None:
     """Seals a checkpoint whose data is complete on the storage. Every process calls it.
 
     `extra_files` ({rel: bytes}) are written first by process 0 (the tokenizer). Returns the
     manifest on process 0, None elsewhere.
     """
-    directory = storage.path(directory)
     if process_index == 0:
         for rel, data in (extra_files or {}).items():
-            storage.write_bytes(directory / rel, data)
+            paths.write_bytes(directory / rel, data)
     mine = hash_share(directory, process_index, process_count)
     if process_index != 0:
         (directory / manifest.SCRATCH).mkdir(parents=True, exist_ok=True)
@@ -109,7 +111,7 @@ def balanced_shares(files: dict, process_count: int) -> dict[str, int]:
     return out
 
 
-def verify(directory, process_index: int, process_count: int, verify_key: str | None = None,
+def verify(directory: epath.Path, process_index: int, process_count: int, verify_key: str | None = None,
            gather=None) -> dict:
     """Checks a checkpoint with each process reading only its share; every process raises the same
     CheckpointError (naming the first bad file) if any share is bad.
@@ -136,7 +138,7 @@ def verify(directory, process_index: int, process_count: int, verify_key: str | 
         if worst in problems:
             raise CheckpointError(problems[worst])
         what = listed[worst] if worst < len(listed) else "a file not in the manifest"
-        raise CheckpointError(f"{storage.path(directory) / what} failed verification on another host; "
+        raise CheckpointError(f"{directory / what} failed verification on another host; "
                               "restore an earlier checkpoint")
     return m
 
@@ -162,7 +164,7 @@ class Custodian:
         self.thread = threading.Thread(target=self._run, name="heft-custody", daemon=True)
         self.thread.start()
 
-    def add(self, step: int, directory, facts: dict, extra_files: dict | None = None) -> None:
+    def add(self, step: int, directory: epath.Path, facts: dict, extra_files: dict | None = None) -> None:
         self.queue.put((step, directory, facts, extra_files))
 
     def abandon(self, step: int) -> None:

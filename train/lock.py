@@ -24,9 +24,9 @@ import threading
 import time
 
 import tensorstore as ts
+from etils import epath
 
-from heft.data import paths as data_paths
-from heft.train import storage
+from heft.data import paths
 from heft.train.manifest import CheckpointError
 
 NAME = "heft.lock"
@@ -42,12 +42,11 @@ class WorkdirInUse(CheckpointError):
     """Another live run holds the workdir."""
 
 
-def kvstore(directory) -> ts.KvStore:
+def kvstore(directory: epath.Path) -> ts.KvStore:
     """A tensorstore key-value store rooted at `directory` (a local path or gs://bucket/prefix)."""
-    directory = str(storage.path(directory))
-    if storage.is_remote(directory) and not directory.startswith("gs://"):
+    if paths.is_remote(directory) and not paths.is_gcs(directory):
         raise CheckpointError(f"{directory}: heft's workdir lock supports local paths and gs:// only")
-    spec = data_paths.kvstore(directory)
+    spec = paths.kvstore(directory)
     spec["path"] = spec["path"].rstrip("/") + "/"
     return ts.KvStore.open(spec).result()
 
@@ -132,8 +131,8 @@ def describe(holder: dict) -> str:
 class WorkdirLock:
     """Held by process 0 of a run from start to exit; `lost` turns True if another run took it over."""
 
-    def __init__(self, workdir, heartbeat_s: float = HEARTBEAT_S):
-        self.workdir = storage.path(workdir)
+    def __init__(self, workdir: epath.PathLike, heartbeat_s: float = HEARTBEAT_S):
+        self.workdir = paths.path(workdir)
         self.heartbeat_s = heartbeat_s
         self.lost = False
         self._kv = None

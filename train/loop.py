@@ -32,9 +32,10 @@ import jax
 import numpy as np
 
 from heft.data import loader as data_loader
+from heft.data import paths
 from heft.data import processes as data_processes
 from heft.data.errors import PrepareStopped
-from heft.train import checkpoint, checks, compiled, goodput, hosts, lock, metrics, peak, remat, sharding, size, storage
+from heft.train import checkpoint, checks, compiled, goodput, hosts, lock, metrics, peak, remat, sharding, size
 from heft.train import state as train_state
 
 
@@ -433,7 +434,7 @@ def _finish(s: _Session, tally: _Tally, state) -> None:
 
 def _failure(e: Exception, ckpt, writer, step: int) -> Exception | None:
     """The one-line error to raise instead of `e` from inside the run, or None to raise `e` as it is."""
-    if storage.no_space(e):
+    if paths.no_space(e):
         return ckpt.out_of_space(e, writer_path=getattr(writer, "path", None))
     if hosts.peer_lost(e):
         newest = ckpt.newest_complete()

@@ -20,6 +20,9 @@ import hashlib
 import json
 import subprocess
 
+from etils import epath
+
+from heft.data import paths
 from heft.train import storage
 
 NAME = "manifest.json"
@@ -33,17 +36,17 @@ class CheckpointError(ValueError):
     """A checkpoint that must not be restored; the message names the file and what to do."""
 
 
-def sha256_file(p) -> tuple[str, int]:
+def sha256_file(p: epath.Path) -> tuple[str, int]:
     """(hex sha256, size in bytes) of one file, read in 8 MiB blocks."""
     h, n = hashlib.sha256(), 0
-    with storage.path(p).open("rb") as f:
+    with p.open("rb") as f:
         while block := f.read(8 << 20):
             h.update(block)
             n += len(block)
     return h.hexdigest(), n
 
 
-def content_files(directory) -> list[str]:
+def content_files(directory: epath.Path) -> list[str]:
     """The files a manifest must list: everything but the manifest, its seal and custody's scratch."""
     return [f for f in storage.files_under(directory, skip=(SCRATCH,)) if f not in NOT_CONTENT]
 
@@ -86,9 +89,10 @@ def _crypto():
 
 
 def sign(digest_hex: str, private_key_path: str) -> str:
+    """The signature of a digest with `checkpoint.signing_key` (the config field's value)."""
     serialization, ed25519 = _crypto()
     try:
-        key = serialization.load_pem_private_key(storage.path(private_key_path).read_bytes(), password=None)
+        key = serialization.load_pem_private_key(paths.path(private_key_path).read_bytes(), password=None)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint.signing_key={private_key_path} is not a readable PEM private key "
                               f"({e}); make one with `heft verify --new_key=PATH`") from None
@@ -97,45 +101,47 @@ def sign(digest_hex: str, private_key_path: str) -> str:
     return base64.b64encode(key.sign(digest_hex.encode())).decode()
 
 
-def check_signature(directory, seal: dict, public_key_path: str) -> None:
+def check_signature(directory: epath.Path, seal: dict, public_key_path: str) -> None:
+    """Checks the seal's signature with `checkpoint.verify_key` (the config field's value)."""
     serialization, ed25519 = _crypto()
     try:
-        key = serialization.load_pem_public_key(storage.path(public_key_path).read_bytes())
+        key = serialization.load_pem_public_key(paths.path(public_key_path).read_bytes())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint.verify_key={public_key_path} is not a readable PEM public key "
                               f"({e}); pass the .pub file written with the signing key") from None
     if "signature" not in seal:
-        raise CheckpointError(f"{storage.path(directory) / SEAL} is not signed but checkpoint.verify_key is "
+        raise CheckpointError(f"{directory / SEAL} is not signed but checkpoint.verify_key is "
                               "set; restore only signed checkpoints, or unset verify_key")
     from cryptography.exceptions import InvalidSignature
 
     try:
         key.verify(base64.b64decode(seal["signature"]), seal["manifest_sha256"].encode())
     except (InvalidSignature, ValueError):
-        raise CheckpointError(f"{storage.path(directory) / SEAL}: the signature does not verify with "
+        raise CheckpointError(f"{directory / SEAL}: the signature does not verify with "
                               f"{public_key_path}: the checkpoint was not signed by its key, or was altered") from None
 
 
-def new_key(private_key_path: str) -> str:
-    """Writes a new ed25519 key pair (PRIVATE and PRIVATE.pub, PEM); returns the public key's path."""
+def new_key(private_key_path: epath.PathLike) -> str:
+    """Writes a new ed25519 key pair (PRIVATE and PRIVATE.pub, PEM); returns the public key's path
+    (what `checkpoint.verify_key` is set to)."""
     serialization, ed25519 = _crypto()
     key = ed25519.Ed25519PrivateKey.generate()
-    storage.write_bytes(private_key_path, key.private_bytes(
+    private = paths.path(private_key_path)
+    paths.write_bytes(private, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    public = f"{private_key_path}.pub"
-    storage.write_bytes(public, key.public_key().public_bytes(
+    public = private.with_name(private.name + ".pub")
+    paths.write_bytes(public, key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return public
+    return str(public)
 
 
 # Writing.
 
 
-def write(directory, files: dict, facts: dict, signing_key: str | None = None) -> dict:
+def write(directory: epath.Path, files: dict, facts: dict, signing_key: str | None = None) -> dict:
     """Writes manifest.json, then the seal that completes the checkpoint. Returns the manifest."""
-    directory = storage.path(directory)
     manifest = {"format": FORMAT, "files": files, **facts}
-    storage.write_bytes(directory / NAME, json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
+    paths.write_bytes(directory / NAME, json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
     seal = {"manifest_sha256": digest(manifest)}
     if signing_key:
         seal["signature"] = sign(seal["manifest_sha256"], signing_key)
@@ -146,12 +152,12 @@ def write(directory, files: dict, facts: dict, signing_key: str | None = None) -
 # Reading and checking.
 
 
-def is_sealed(directory) -> bool:
+def is_sealed(directory: epath.Path) -> bool:
     """Whether the checkpoint's save completed (its seal exists); `read` checks the seal holds."""
-    return (storage.path(directory) / SEAL).exists()
+    return (directory / SEAL).exists()
 
 
-def _load_json(p, what: str):
+def _load_json(p: epath.Path, what: str):
     try:
         return json.loads(p.read_text())
     except FileNotFoundError:
@@ -161,7 +167,7 @@ def _load_json(p, what: str):
                               "restore an earlier checkpoint") from None
 
 
-def _check_shape(manifest, p) -> None:
+def _check_shape(manifest, p: epath.Path) -> None:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     ok = isinstance(files, dict) and all(
         isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)
@@ -171,13 +177,13 @@ def _check_shape(manifest, p) -> None:
                               "the checkpoint cannot be trusted: restore an earlier checkpoint")
 
 
-def read(directory, verify_key: str | None = None) -> dict:
+def read(directory: epath.PathLike, verify_key: str | None = None) -> dict:
     """The manifest, after checking that the seal covers it (and its signature, given a key).
 
     Raises CheckpointError when the checkpoint is unsealed, the manifest is malformed, or the
     manifest was edited after sealing.
     """
-    directory = storage.path(directory)
+    directory = paths.path(directory)
     if not (directory / SEAL).exists():
         raise CheckpointError(f"{directory} has no {SEAL}: its save never completed; use an earlier checkpoint")
     seal = _load_json(directory / SEAL, "seal")
@@ -191,9 +197,9 @@ def read(directory, verify_key: str | None = None) -> dict:
     return manifest
 
 
-def check_file(directory, rel: str, want: dict) -> str | None:
+def check_file(directory: epath.Path, rel: str, want: dict) -> str | None:
     """None if `rel` matches its manifest entry; else a one-line description of what is wrong."""
-    p = storage.path(directory) / rel
+    p = directory / rel
     missing = f"{p} is missing from the checkpoint (listed in its manifest); restore an earlier checkpoint"
     try:
         got, size = sha256_file(p)
@@ -207,17 +213,18 @@ def check_file(directory, rel: str, want: dict) -> str | None:
     return None
 
 
-def check_extra(directory, manifest: dict) -> str | None:
+def check_extra(directory: epath.Path, manifest: dict) -> str | None:
     extra = sorted(set(content_files(directory)) - set(manifest["files"]))
     if extra:
-        return (f"{storage.path(directory) / extra[0]} is not in the manifest: the checkpoint was altered "
+        return (f"{directory / extra[0]} is not in the manifest: the checkpoint was altered "
                 "after it was saved")
     return None
 
 
-def verify(directory, verify_key: str | None = None) -> dict:
+def verify(directory: epath.PathLike, verify_key: str | None = None) -> dict:
     """Checks the seal and every file in this process; raises CheckpointError naming the first problem.
     (Training verifies across hosts in parallel: custody.verify.)"""
+    directory = paths.path(directory)
     manifest = read(directory, verify_key)
     for rel, want in sorted(manifest["files"].items()):
         if problem := check_file(directory, rel, want):

@@ -7,8 +7,10 @@ import threading
 import time
 
 import jax
+from etils import epath
 
-from heft.train import goodput, storage
+from heft.data import paths
+from heft.train import goodput
 
 
 def memory_in_use_bytes() -> int:
@@ -49,19 +51,20 @@ class Writer:
     and at close.
     """
 
-    def __init__(self, workdir, start_step: int = 0, flush_s: float = 30.0):
+    def __init__(self, workdir: epath.PathLike, start_step: int = 0, flush_s: float = 30.0):
         self.active = jax.process_index() == 0
         if not self.active:
             return
-        self.path = storage.path(workdir) / "metrics.jsonl"
-        self.remote = storage.is_remote(self.path)
+        workdir = paths.path(workdir)
+        self.path = workdir / "metrics.jsonl"
+        self.remote = paths.is_remote(self.path)
         self.flush_s, self._flushed = flush_s, time.monotonic()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lines = self.path.read_text().splitlines() if self.path.exists() else []
         kept = [line for line in lines if _step_of(line) <= start_step]
         self.lines = kept
         if len(kept) != len(lines) or self.remote:
-            storage.write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
+            paths.write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
         self.jsonl = None if self.remote else open(self.path, "a")
         if start_step or len(kept) != len(lines):
             redone = max((_step_of(line) for line in lines), default=start_step) - start_step
@@ -72,7 +75,7 @@ class Writer:
         # tensorboardX writes from a thread through a bounded queue: if that thread dies (a full disk),
         # every later add blocks forever. An unbounded queue never blocks, and `_check_tensorboard`
         # turns the thread's death into the error it died of.
-        self.tb = SummaryWriter(str(storage.path(workdir) / "tensorboard"), max_queue=0)
+        self.tb = SummaryWriter(str(workdir / "tensorboard"), max_queue=0)
         self._tb_error = None
         self._previous_hook = threading.excepthook
         threading.excepthook = self._thread_failed
@@ -95,7 +98,7 @@ class Writer:
 
     def flush(self) -> None:
         if self.active and self.remote:
-            storage.write_bytes(self.path, "".join(line + "\n" for line in self.lines).encode())
+            paths.write_bytes(self.path, "".join(line + "\n" for line in self.lines).encode())
             self._flushed = time.monotonic()
 
     def _worker(self):

@@ -15,7 +15,7 @@ traceback, at moments heft does not choose (some at exit):
 import logging
 import sys
 
-from heft.train import storage
+from heft.data import paths
 
 
 class _OrbaxErrorsRaisedAnyway(logging.Filter):
@@ -26,7 +26,7 @@ class _OrbaxErrorsRaisedAnyway(logging.Filter):
 class _OrphanedNoSpace(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not (error is not None and "never retrieved" in str(record.msg) and storage.no_space(error))
+        return not (error is not None and "never retrieved" in str(record.msg) and paths.no_space(error))
 
 
 def _closed_loops_dropped(default_hook):

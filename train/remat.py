@@ -30,6 +30,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from etils import epath
 
 from heft.data import prepare
 from heft.model.checks import ConfigError
@@ -232,12 +233,12 @@ def _cpu_model() -> str:
     return " / ".join(fields.get(k, "?") for k in ("model name", "cpu family", "model", "stepping"))
 
 
-def cache_file(key: str) -> str:
+def cache_file(key: str) -> epath.Path:
     """Where the choice for `cache_key`'s key is kept: under heft's cache ($HEFT_CACHE, local or gs://)."""
-    return str(prepare.cache_dir("") / "remat" / f"{key}.json")
+    return prepare.cache_dir("") / "remat" / f"{key}.json"
 
 
-def _read(path: str) -> dict | None:
+def _read(path: epath.Path) -> dict | None:
     try:
         found = storage.read_json(path)
         return found if found.get("remat") in CANDIDATES else None
@@ -245,7 +246,7 @@ def _read(path: str) -> dict | None:
         return None  # none yet, or a foreign file: measure again
 
 
-def _write(path: str, record: dict) -> None:
+def _write(path: epath.Path, record: dict) -> None:
     try:
         storage.write_json(path, record)  # whole or not at all: a reader never sees half a choice
     except OSError:

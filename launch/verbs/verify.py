@@ -11,7 +11,9 @@ incomplete, not as damaged: the next `heft train` seals or removes it.
 import sys
 
 from absl import flags
+from etils import epath
 
+from heft.data import paths
 from heft.train import checkpoint, manifest
 
 
@@ -21,7 +23,7 @@ def define_flags():
     flags.DEFINE_string("new_key", None, "write a new ed25519 key pair to this path (and PATH.pub), then exit")
 
 
-def report(directory, key: str | None = None) -> tuple[bool, str]:
+def report(directory: epath.Path, key: str | None = None) -> tuple[bool, str]:
     """(ok, one line) for one checkpoint directory."""
     if not manifest.is_sealed(directory):
         return True, f"incomplete {directory}  (its save never completed: not a checkpoint; heft train removes it)"
@@ -42,15 +44,16 @@ def report(directory, key: str | None = None) -> tuple[bool, str]:
 def main(argv):
     f = flags.FLAGS
     if f.new_key:
-        public = manifest.new_key(f.new_key)
-        print(f"wrote {f.new_key} (keep it secret; set checkpoint.signing_key to it) and {public} "
+        private = paths.path(f.new_key)
+        public = manifest.new_key(private)
+        print(f"wrote {private} (keep it secret; set checkpoint.signing_key to it) and {public} "
               "(set checkpoint.verify_key, or pass --key, to check seals)")
         return
-    paths = argv[1:] + ([f.checkpoint] if f.checkpoint else [])
-    if not paths:
+    given = argv[1:] + ([f.checkpoint] if f.checkpoint else [])
+    if not given:
         sys.exit("usage: heft verify DIR (a checkpoint, or a workdir to check every checkpoint in it)")
     bad = 0
-    for path in paths:
+    for path in given:
         directories = checkpoint.checkpoints_in(path)
         if not directories:
             raise manifest.CheckpointError(f"{path} holds no checkpoints")

@@ -9,7 +9,9 @@ import hashlib
 import json
 
 import ml_collections
+from etils import epath
 
+from heft.data import paths
 from heft.model.checks import sparse
 from heft.train import storage
 
@@ -94,7 +96,7 @@ def tokenizer_file(data: bytes) -> str:
     return TOKENIZERS[1] if data.lstrip()[:1] == b"{" else TOKENIZER
 
 
-def tokenizer_in(directory, files) -> str | None:
+def tokenizer_in(directory: epath.Path, files) -> str | None:
     """The path of the tokenizer a checkpoint's manifest lists, or None."""
     name = next((n for n in TOKENIZERS if n in files), None)
     return str(directory / name) if name else None
@@ -102,12 +104,15 @@ def tokenizer_in(directory, files) -> str | None:
 
 def tokenizer_bytes(prepared) -> bytes | None:
     p = getattr(prepared, "tokenizer_path", None) if prepared is not None else None
-    return storage.path(p).read_bytes() if p and storage.path(p).exists() else None
+    if not p:
+        return None
+    p = paths.path(p)  # a path the prepared data records as a string
+    return p.read_bytes() if p.exists() else None
 
 
-def read_facts(step_dir) -> dict:
+def read_facts(step_dir: epath.Path) -> dict:
     """The `facts` item a training save wrote (what sealing needs)."""
-    return storage.read_json(storage.path(step_dir) / "facts" / "metadata")
+    return storage.read_json(step_dir / "facts" / "metadata")
 
 
 def seal_facts(facts: dict) -> tuple[dict, dict]:

@@ -92,7 +92,7 @@ def kind_of(facts: dict, config) -> str:
     return FLOAT
 
 
-def _refusal(directory, facts: dict, config, accept) -> str:
+def _refusal(directory: epath.Path, facts: dict, config, accept) -> str:
     """Why a caller that reads only `accept` kinds cannot read this checkpoint, and what to do."""
     if is_finetune(facts):
         return (f"{directory} is a fine-tune of {facts['finetune']['base']['path']} and holds only the weights it "
@@ -104,7 +104,8 @@ def _refusal(directory, facts: dict, config, accept) -> str:
     return f"{directory} is a float checkpoint; this reads only {', '.join(accept)} checkpoints"
 
 
-def load(directory, mesh=None, verify: bool = True, config=None, accept: tuple[str, ...] | None = None) -> Loaded:
+def load(directory: epath.PathLike, mesh=None, verify: bool = True, config=None,
+         accept: tuple[str, ...] | None = None) -> Loaded:
     """Reads the checkpoint `directory` names (a workdir: its newest sealed step) onto `mesh` (default:
     `serving_mesh` of its config).
 
@@ -136,14 +137,14 @@ def _float(facts: dict, config) -> bool:
     return not is_finetune(facts) and quantized_weights(config) == "none"
 
 
-def _load_float(directory, facts: dict, config, mesh) -> Loaded:
+def _load_float(directory: epath.Path, facts: dict, config, mesh) -> Loaded:
     target = sharding.placed(build.abstract_params(config.model), sharding.param_dict_shardings(config.model, mesh,
                                                                                                 config))
     return Loaded(config, read_params(directory, target), tokenizer_in(directory, facts["files"]), directory, facts,
                   FLOAT)
 
 
-def read_params(directory, target: dict) -> dict:
+def read_params(directory: epath.Path, target: dict) -> dict:
     """The parameters stored in the checkpoint at `directory` (its `params/`, or a train state's
     `state/params`), read into `target`: ShapeDtypeStructs carrying the shardings to read them into."""
     if (directory / "params").is_dir():
@@ -156,7 +157,7 @@ def read_params(directory, target: dict) -> dict:
     return state["params"]
 
 
-def load_params(directory, mesh=None, verify: bool = True, config=None):
+def load_params(directory: epath.PathLike, mesh=None, verify: bool = True, config=None):
     """(config, params, tokenizer path or None) of a float checkpoint: `load` for the readers that need
     float parameters (export, conversion, quantization, a fine-tune's base)."""
     loaded = load(directory, mesh, verify, config, accept=(FLOAT,))

@@ -3,16 +3,19 @@ sealed manifest — for serving, evaluation and conversion, a third of a train s
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from heft.data import paths
 from heft.train import custody, hosts, manifest, quiet, storage
 from heft.train.checkpoint.facts import config_dict, config_to_json, tokenizer_file
 from heft.train.checkpoint.load import FLOAT, load
 from heft.train.manifest import CheckpointError
 
 
-def save_params(directory: str, config, params: dict, tokenizer_path: str | None = None, **facts) -> None:
+def save_params(directory: epath.PathLike, config, params: dict, tokenizer_path: epath.PathLike | None = None,
+                **facts) -> None:
     """A parameters-only checkpoint (for serving, evaluation, conversion): smaller than a train state."""
-    directory = storage.path(directory)
+    directory = paths.path(directory)
     if (directory / "params").exists() or (directory.exists() and not directory.is_dir()):
         raise CheckpointError(f"{directory} already exists and is not an empty directory; choose a new one")
     quiet.failed_save_echoes()
@@ -24,14 +27,14 @@ def save_params(directory: str, config, params: dict, tokenizer_path: str | None
             ckptr.wait_until_finished()
         extra = {"config.json": config_to_json(config).encode()}
         if tokenizer_path:
-            data = storage.path(tokenizer_path).read_bytes()
+            data = paths.path(tokenizer_path).read_bytes()
             extra[tokenizer_file(data)] = data
         all_facts = {"config": config_dict(config), "code_version": manifest.code_version(), **facts}
         custody.seal(directory, all_facts, jax.process_index(), jax.process_count(), extra_files=extra)
     hosts.barrier("params saved")
 
 
-def export_params(source, out) -> str:
+def export_params(source: epath.PathLike, out: epath.PathLike) -> str:
     """A parameters-only checkpoint at `out` from a training checkpoint or workdir; returns the source step."""
     loaded = load(source, accept=(FLOAT,))
     save_params(out, loaded.config, loaded.params, loaded.tokenizer, step=loaded.facts.get("step"),

@@ -21,9 +21,11 @@ import re
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import path as ocp_path
 
-from heft.train import custody, hosts, manifest, quiet, storage
+from heft.data import paths
+from heft.train import custody, hosts, manifest, quiet
 from heft.train.checkpoint.facts import (
     TOKENIZER,
     config_dict,
@@ -43,9 +45,8 @@ ITEMS = ("state", "data", "facts")
 _TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 
-def committed(directory) -> bool:
+def committed(directory: epath.Path) -> bool:
     """Whether orbax finished writing the step at `directory` (renamed into place / commit file written)."""
-    directory = storage.path(directory)
     return directory.exists() and ocp_path.step.is_checkpoint_finalized(directory)
 
 
@@ -54,7 +55,7 @@ class Resume:
     """The newest sealed step of a workdir and its manifest."""
 
     step: int
-    directory: object  # epath.Path
+    directory: epath.Path
     manifest: dict
 
     @property
@@ -71,10 +72,10 @@ class Checkpointer:
     `facts` are added to every manifest (a fine-tune's base).
     """
 
-    def __init__(self, workdir, config, prepared=None, note=print, facts: dict | None = None):
+    def __init__(self, workdir: epath.PathLike, config, prepared=None, note=print, facts: dict | None = None):
         self.config, self.prepared, self.note = config, prepared, note
         self.facts = dict(facts or {})
-        self.directory = storage.path(workdir) / "checkpoints"
+        self.directory = paths.path(workdir) / "checkpoints"
         k = config.checkpoint
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         quiet.failed_save_echoes()  # a full disk is reported once, by `out_of_space`
@@ -93,7 +94,7 @@ class Checkpointer:
 
     # The workdir's steps.
 
-    def step_dir(self, step: int):
+    def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
 
     def _listing(self) -> tuple[list[int], list]:
@@ -111,7 +112,7 @@ class Checkpointer:
     def sealed_steps(self) -> list[int]:
         return [s for s in self._listing()[0] if manifest.is_sealed(self.step_dir(s))]
 
-    def _remove(self, p) -> None:
+    def _remove(self, p: epath.Path) -> None:
         """Deletes a step directory, its seal first, so that a half-deleted step never looks complete."""
         (p / manifest.SEAL).unlink(missing_ok=True)
         p.rmtree(missing_ok=True)
@@ -351,5 +352,5 @@ class Checkpointer:
         self._seal_what_committed(unsealed)
         newest = self.newest_complete(if_none="none: no save completed")
         what = f"saving step {failed}" if failed is not None else f"writing {writer_path or self.directory}"
-        return CheckpointError(f"no space left on {storage.device_of(self.directory)} while {what}; "
+        return CheckpointError(f"no space left on {paths.device_of(self.directory)} while {what}; "
                                f"the newest complete checkpoint is {newest}")
