@@ -27,8 +27,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # run save_matmuls instead (tests/test_remat.py measures for real, with this unset).
 os.environ.setdefault("HEFT_REMAT_AUTO", "save_matmuls")
 
-_SCRATCH = tempfile.mkdtemp(prefix="heft-tests-")
-atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
+# pytest-xdist's workers inherit the controller's environment, so they share its scratch folder (and
+# its compiles); only the process that made the folder removes it.
+if "HEFT_TEST_SCRATCH" not in os.environ:
+    os.environ["HEFT_TEST_SCRATCH"] = tempfile.mkdtemp(prefix="heft-tests-")
+    atexit.register(shutil.rmtree, os.environ["HEFT_TEST_SCRATCH"], ignore_errors=True)
+_SCRATCH = os.environ["HEFT_TEST_SCRATCH"]
 os.environ.setdefault("HEFT_CACHE", os.path.join(_SCRATCH, "heft"))
 # Read by JAX at import (here and in every subprocess); heft's train.compilation_cache="" defers to it.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_SCRATCH, "compile"))
@@ -65,15 +69,27 @@ def gcs(gcs_server):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
+def tiny_run():
     """(workdir, the finished `heft train`) of tests/test_train_loop.py's tiny model trained 10 steps on
     its small corpus, evaluated and checkpointed at steps 5 and 10: trained once, shared by every test
-    that needs a trained run. Read it, never change it: a test that damages, extends or resumes a run
-    copies it first (shutil.copytree into its tmp_path)."""
+    that needs a trained run, on every xdist worker (the first to ask trains it in the session's
+    scratch folder while the others wait on a lock). Read it, never change it: a test that damages,
+    extends or resumes a run copies it first (shutil.copytree into its tmp_path)."""
+    import fcntl
+    import json
+    import pathlib
+    import subprocess
+
     from test_train_loop import _heft, _overrides
 
-    root = tmp_path_factory.mktemp("tiny_run")
-    workdir = root / "run"
-    r = _heft(["train", f"--workdir={workdir}", *_overrides(root, steps=10)])
-    assert r.returncode == 0, r.stderr[-3000:]
-    return str(workdir), r
+    root = pathlib.Path(_SCRATCH) / "tiny_run"
+    root.mkdir(exist_ok=True)
+    workdir, done = root / "run", root / "finished.json"
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            r = _heft(["train", f"--workdir={workdir}", *_overrides(root, steps=10)])
+            assert r.returncode == 0, r.stderr[-3000:]
+            done.write_text(json.dumps({"args": r.args, "stdout": r.stdout, "stderr": r.stderr}))
+    finished = json.loads(done.read_text())
+    return str(workdir), subprocess.CompletedProcess(finished["args"], 0, finished["stdout"], finished["stderr"])
