@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -271,3 +272,55 @@ def test_tpu_vm_without_a_config_copies_nothing_and_names_none():
     job = Job(tiny.get_config(), None, (), "gs://b/run", default_config=TINY)
     (step,) = tpu_vm.steps(job, "t", "z", "p", topology.parse("v5p:2x2x1"))
     assert step.argv[-1] == "--command=heft train --workdir=gs://b/run"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_dry_run_where_gcs_cannot_be_reached_warns_in_one_line_and_prints_the_script(tmp_path):
+    """GCS's client pointed at a closed port on this machine: gcsfs would retry for over a minute,
+    logging a traceback each time; the check gives up after a few seconds, and nothing else shows."""
+    from heft.launch import preflight
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TENSORSTORE_GCS_HTTP_URL",)}
+    env.update(STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{_closed_port()}", GOOGLE_AUTH_TOKEN_FOR_TESTING="dummy",
+               GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+    start = time.monotonic()
+    p = subprocess.Popen(["heft", "launch", "slurm", "--config=configs/tiny.py", "--workdir=gs://my-bucket/run",
+                          "--nodes=2", "--dry_run"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    lines = [(time.monotonic(), line.rstrip("\n")) for line in p.stderr]  # each note as it comes
+    out = p.stdout.read()
+    assert p.wait(timeout=120) == 0, [line for _, line in lines]
+    assert time.monotonic() - start < 60
+    assert all(line.startswith("heft launch: ") for _, line in lines), [line for _, line in lines]
+    (config_ok, _), (warned, warning) = lines
+    assert warning == ("heft launch: warning: bucket gs://my-bucket of --workdir=gs://my-bucket/run could not be "
+                       f"checked (TimeoutError: no answer in {preflight.DRY_RUN_WAIT_S:g} s); the script below "
+                       "assumes it exists")
+    assert warned - config_ok < preflight.DRY_RUN_WAIT_S + 3  # the check's own time, not the start-up's
+    assert "sbatch <<'HEFT_EOF'" in out and "srun heft train --config=configs/tiny.py --workdir=gs://my-bucket/run" \
+        in out
+
+
+def test_a_launch_where_gcs_cannot_be_reached_stops_in_one_line_within_its_wait(monkeypatch):
+    import gcsfs
+
+    from heft.launch import preflight
+    from heft.model.checks import ConfigError
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "dummy")
+    monkeypatch.setattr(preflight, "LAUNCH_WAIT_S", 1.0)
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^--workdir=gs://b/run: bucket gs://b cannot be read from here "
+                                          r"\(TimeoutError: no answer in 1 s\); check the network"):
+        preflight.check_workdir("gs://b/run", "gke", shared_ok=False)
+    assert time.monotonic() - start < 3
+    gcsfs.GCSFileSystem.clear_instance_cache()

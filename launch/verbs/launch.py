@@ -8,8 +8,8 @@
 
 Before anything is booked: the config's checks, the workdir every host must reach (gs://, or for
 SLURM a shared filesystem), and for a TPU slice the plan's fit check (launch/preflight.py).
---dry_run prints what would run or be submitted, as a shell script, and exits 0. Paths appear in it
-as they were given.
+--dry_run prints what would run or be submitted, as a shell script, and exits 0; it needs no network
+(a bucket it cannot reach is a warning). Paths appear in it as they were given.
 
 Every string given (flags, overrides, the arguments after `--`) is checked once here: one holding a
 newline or another control character is refused (launch/shell.py), before any script is written.
@@ -146,7 +146,7 @@ def plan_launch(backend: str, job, f) -> tuple[list, str]:
         return steps, local.dry_run_text(steps)
     devices = topo.chips * slices if topo else f.nodes * max(f.gpus_per_node, 1)
     note(preflight.check_config(job, devices))
-    note(preflight.check_workdir(job.workdir, backend, shared_ok=backend == "slurm"))
+    note(preflight.check_workdir(job.workdir, backend, shared_ok=backend == "slurm", dry_run=f.dry_run))
     if topo is not None:
         note(preflight.check_fit(job, f.topology) if f.fit_check else "fit check skipped (--nofit_check)")
     if backend == "tpu-vm":
