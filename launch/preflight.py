@@ -16,7 +16,7 @@ import threading
 from heft.model.checks import ConfigError
 from heft.train import checks, sharding, storage
 
-DRY_RUN_WAIT_S = 3.0  # for the bucket check of a dry run, which then only warns
+DRY_RUN_WAIT_S = 5.0  # for the bucket check of a dry run, which then only warns
 LAUNCH_WAIT_S = 30.0  # for that of a launch: a first request also fetches credentials
 CLIENT_LOGGERS = ("gcsfs", "fsspec", "google", "aiohttp", "asyncio", "urllib3")  # GCS's client stack
 
@@ -73,6 +73,8 @@ def check_bucket(workdir: str, dry_run: bool) -> str:
     wait_s = DRY_RUN_WAIT_S if dry_run else LAUNCH_WAIT_S
     for name in CLIENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    import gcsfs  # noqa: F401  (before the clock starts: on a busy machine the import alone took seconds)
+
     try:
         exists = within(wait_s, lambda: storage.path(f"gs://{bucket}").exists())
     except Exception as e:  # no network, no credentials, no answer: say which
