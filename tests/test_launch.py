@@ -50,6 +50,9 @@ def test_tpu_vm_dry_run_prints_the_golden_gcloud_commands(case, gcs):
     expected = [[a.replace("{workdir}", gcs) for a in argv] for argv in golden["argv"]]
     assert commands == expected
     assert f"workdir {gcs} (bucket gs://" in r.stderr
+    # Only heft's notes: no library's log lines (libtpu's, loading for the fit check on a machine
+    # without a TPU, nor the GCS client's).
+    assert all(line.startswith("heft launch: ") for line in r.stderr.splitlines()), r.stderr[-3000:]
     if "--nofit_check" in golden["flags"]:
         assert "fit check skipped" in r.stderr
     else:
