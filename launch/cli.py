@@ -30,10 +30,43 @@ VERBS = {
 }
 
 
+HELP = ("-h", "-help", "--help", "--helpshort", "-?")  # absl's own --help shows the main module's flags: none
+
+
 def usage() -> str:
     lines = ["usage: heft VERB --config=configs/NAME.py [--config.FIELD=VALUE ...]", "", "verbs:"]
     lines += [f"  {name:<9} {about}" for name, (_, about) in VERBS.items()]
+    lines += ["", "heft VERB --help (or heft help VERB) lists the verb's flags"]
     return "\n".join(lines)
+
+
+def verb_usage(verb: str, defined: list) -> str:
+    """`heft VERB --help`: the verb's flags (absl Flag objects, in the order defined), one line each."""
+    rows = []
+    for flag in defined:
+        rows.append((f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}", " ".join(flag.help.split()),
+                     _default(flag)))
+        if flag.name == "config":  # heft.launch.flags: a config file, then its fields one by one
+            rows.append(("--config.FIELD=VALUE", "set one field of the config, e.g. --config.train.steps=100 "
+                         "(the fields: docs/config.md)", None))
+    width = max([len(name) for name, _, _ in rows], default=0) + 2
+    lines = [f"heft {verb}: {VERBS[verb][1]}", "", "flags:" if rows else "flags: none"]
+    lines += [f"  {name:<{width}}{about}" + (f" (default: {default})" if default else "")
+              for name, about, default in rows]
+    return "\n".join(lines)
+
+
+def _default(flag) -> str | None:
+    if flag.name == "config":  # the ConfigDict's file, named as a user would write it
+        from heft.launch.flags import CONFIG_DIR
+
+        path = flag.default_as_str.strip("'\"")
+        return "configs/" + os.path.relpath(path, CONFIG_DIR) if path.startswith(CONFIG_DIR + os.sep) else path
+    if flag.default is None or flag.default == [] or flag.default == [""]:
+        return None
+    if isinstance(flag.default, bool):
+        return str(flag.default).lower()
+    return ",".join(map(str, flag.default)) if isinstance(flag.default, list) else str(flag.default)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,7 +111,9 @@ def _reader_gone(stream) -> bool:
 
 def _main(argv: list[str] | None) -> None:
     argv = list(sys.argv if argv is None else argv)
-    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    if len(argv) > 2 and argv[1] == "help":  # heft help VERB: what heft VERB --help prints
+        argv = [argv[0], argv[2], "--help"]
+    if len(argv) < 2 or argv[1] in ("help", *HELP):
         print(usage())
         sys.exit(0 if len(argv) >= 2 else 2)
     verb = argv[1]
@@ -102,10 +137,16 @@ def _main(argv: list[str] | None) -> None:
     except ImportError:  # data/ not built yet
         DataError = ConfigError
 
+    before = set(flags.FLAGS)  # absl's own (logging's) among them: what the verb adds is the rest
     try:
         # config_flags applies --config.FIELD overrides while flags are defined and parsed, so a
         # misspelt field surfaces here as ml_collections' KeyError / AttributeError.
         module.define_flags()
+        defined = list({id(flags.FLAGS[n]): flags.FLAGS[n] for n in flags.FLAGS if n not in before}.values())
+        given = argv[2: argv.index("--")] if "--" in argv[2:] else argv[2:]
+        if any(a in HELP for a in given):
+            print(verb_usage(verb, defined))
+            sys.exit(0)
         # Libraries (orbax above all) log every step of a save at INFO; show warnings and up
         # unless the user asks for more with --verbosity.
         quiet = [] if any(a.startswith(("--verbosity", "-v")) for a in argv[2:]) else ["--verbosity=-1"]
@@ -114,9 +155,7 @@ def _main(argv: list[str] | None) -> None:
     except (ConfigError, CheckpointError, DataError) as e:  # a user's mistake: one line, no trace
         sys.exit(f"heft {verb}: {e}")
     except flags.Error as e:  # an unknown flag, or a value of the wrong type
-        by_module = flags.FLAGS.flags_by_module_dict()
-        known = sorted(f"--{flag.name}" for name in (module.__name__, "heft.launch.flags")
-                       for flag in by_module.get(name, []))
+        known = sorted(f"--{flag.name}" for flag in defined)
         fix = f"; heft {verb} takes {', '.join(known)}" if isinstance(e, flags.UnrecognizedFlagError) else ""
         sys.exit(f"heft {verb}: {str(e).splitlines()[0]}{fix}")
     except (OSError, SyntaxError) as e:

@@ -11,10 +11,10 @@ folder on --image, as xpk's --script-dir does).
 """
 
 import os
-import shlex
 
 import yaml
 
+from heft.launch import shell
 from heft.launch.job import Job, Step
 from heft.launch.tpu_vm import accelerator_type
 from heft.model.checks import ConfigError
@@ -55,7 +55,7 @@ def manifest(job: Job, name: str, image: str, topo, slices: int = 1, max_restart
         raise ConfigError("gke needs --image: a container image with heft installed "
                           "(e.g. pip install 'heft[tpu]' on a JAX TPU image)")
     vms, chips = hosts(topo)
-    file = os.path.basename(job.config_path)
+    file = job.copy_name
     with open(job.config_path) as f:
         config_text = f.read()
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-config"},
@@ -120,11 +120,15 @@ def xpk_steps(job: Job, name: str, image: str, topo, cluster: str, zone: str, pr
     for flag, value in (("image", image), ("cluster", cluster), ("zone", zone), ("project", project)):
         if not value:
             raise ConfigError(f"gke --xpk needs --{flag}")
-    folder = os.path.dirname(os.path.abspath(job.config_path))
-    # xpk builds --script-dir into the image at /app, the command's working directory.
-    command = shlex.join(job.train_argv(job.remote_config(os.path.basename(job.config_path))))
+    # xpk builds --script-dir into the image at /app, the command's working directory. The folder is
+    # named as the user named the config (relative stays relative); without --config, the image's
+    # heft has the default and nothing is built in.
+    script_dir, config = [], None
+    if job.config_file:
+        script_dir = [f"--script-dir={os.path.dirname(job.config_path) or '.'}"]
+        config = job.remote_config(os.path.basename(job.config_path))
     return [Step(f"create xpk workload {name}: {slices} x {topo.name}", [
         "xpk", "workload", "create", f"--cluster={cluster}", f"--workload={name}",
         f"--tpu-type={accelerator_type(topo)}", f"--num-slices={slices}", f"--base-docker-image={image}",
-        f"--script-dir={folder}", f"--command={command}", f"--max-restarts={max_restarts}",
+        *script_dir, f"--command={shell.join(job.train_argv(config))}", f"--max-restarts={max_restarts}",
         f"--zone={zone}", f"--project={project}"])]

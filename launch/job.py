@@ -9,32 +9,46 @@ same; a launch runs them one after the other. heft never schedules or calls host
 import dataclasses
 import os
 import re
-import shlex
 import shutil
 import subprocess
 
+from heft.launch import shell
 from heft.model.checks import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
     config: object  # the ConfigDict, with the overrides applied: what the preflight checks
-    config_file: str  # --config as given: a file, perhaps with a ":argument" for its get_config
+    # --config as given (a file, perhaps with a ":argument" for its get_config), kept as typed: a
+    # relative path stays relative. None: not given, so every host runs its own heft's default config.
+    config_file: str | None
     overrides: tuple[str, ...]  # the --config.FIELD=VALUE flags, forwarded to every host
     workdir: str
     extra: tuple[str, ...] = ()  # further `heft train` flags (after `--`)
+    default_config: str = ""  # the file behind config_file=None, to read here (gke's ConfigMap)
 
     @property
     def config_path(self) -> str:
-        return self.config_file.split(":", 1)[0]
+        """The config file to read on this machine."""
+        return self.config_file.split(":", 1)[0] if self.config_file else self.default_config
+
+    @property
+    def copy_name(self) -> str:
+        """The name of the config file's copies on the hosts, in plain characters: a ConfigMap's key
+        takes no others, and scp's older protocol hands the remote path to the worker's shell unquoted."""
+        return re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(self.config_path))
 
     def remote_config(self, path: str) -> str:
         """--config for a copy of the file at `path` (keeping a ":argument")."""
+        if not self.config_file:
+            return path
         return path + self.config_file[len(self.config_path):]
 
     def train_argv(self, config: str | None = None) -> list[str]:
-        """`heft train` with this job's config (or its copy at `config`), overrides, workdir and flags."""
-        return ["heft", "train", f"--config={config or self.config_file}", *self.overrides,
+        """`heft train` with this job's config (or its copy at `config`), overrides, workdir and flags;
+        without a config given, none: heft train's default is the same on every host."""
+        config = config or self.config_file
+        return ["heft", "train", *([f"--config={config}"] if config else []), *self.overrides,
                 f"--workdir={self.workdir}", *self.extra]
 
     def name(self, given: str | None = None) -> str:
@@ -58,12 +72,11 @@ class Step:
 
     def shell(self) -> str:
         """The step as shell text (what --dry_run prints): the command, its input as a here-document."""
-        lines = [f"# {self.about}", shlex.join(self.argv)]
-        if self.stdin is not None:
-            assert "\nHEFT_EOF\n" not in "\n" + self.stdin + "\n"
-            lines[-1] += " <<'HEFT_EOF'"
-            lines += [self.stdin.rstrip("\n"), "HEFT_EOF"]
-        return "\n".join(lines)
+        text = f"# {shell.check('a step', self.about)}\n{shell.join(self.argv)}"
+        if self.stdin is None:
+            return text
+        marker, body = shell.heredoc(self.stdin)
+        return f"{text} <<'{marker}'\n{body}{marker}"
 
 
 def script(steps: list[Step]) -> str:
@@ -92,7 +105,7 @@ def run(steps: list[Step], note=print) -> None:
     """Runs each step in turn, stopping at the first that fails (a ConfigError naming it)."""
     require(dict.fromkeys(s.argv[0] for s in steps if s.argv[0] != "bash"))
     for s in steps:
-        note(f"heft launch: {s.about}: {shlex.join(s.argv)}")
+        note(f"heft launch: {s.about}: {shell.join(s.argv)}")
         done = subprocess.run(s.argv, input=s.stdin, text=True, env=dict(os.environ))
         if done.returncode:
             raise ConfigError(f"{s.argv[0]} failed (exit {done.returncode}) at the step '{s.about}'; its output "

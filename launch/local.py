@@ -68,10 +68,11 @@ def steps(job: Job, processes: int, devices: int, port: int | None = None) -> li
 
 
 def dry_run_text(step_list: list[Step]) -> str:
-    """The processes as a shell script: each in the background, then wait for all."""
+    """The processes as a shell script: each in the background, then wait for all (a local step reads no
+    input, so its shell text ends with its command)."""
     lines = ["#!/bin/bash", "set -euo pipefail"]
     for s in step_list:
-        lines += [f"# {s.about}", s.shell().splitlines()[-1] + " &"]
+        lines.append(s.shell() + " &")
     return "\n".join(lines + ["wait"]) + "\n"
 
 

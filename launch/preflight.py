@@ -1,13 +1,25 @@
 """What `heft launch` checks before it books anything: the config, the workdir every host must reach,
 and, for a TPU slice, that the step fits it (the TPU plan's compile). Each failure is one line that
 names the fix; each pass is a note.
+
+The one check that needs the network, that a gs:// workdir's bucket exists, is given a few seconds:
+gcsfs retries a refused connection for over a minute, logging a traceback at each try. A dry run is
+often made where GCS cannot be reached (a laptop, a sandbox), so there an unanswered check is a
+warning and the script is still printed; a launch stops with one line. Either way the client
+libraries' own logs are kept from the terminal: their outcome is that line.
 """
 
+import logging
 import os
+import threading
 
 from heft.data import paths
 from heft.model.checks import ConfigError
 from heft.train import checks, sharding
+
+DRY_RUN_WAIT_S = 5.0  # for the bucket check of a dry run, which then only warns
+LAUNCH_WAIT_S = 30.0  # for that of a launch: a first request also fetches credentials
+CLIENT_LOGGERS = ("gcsfs", "fsspec", "google", "aiohttp", "asyncio", "urllib3")  # GCS's client stack
 
 # Filesystems that several machines mount as one (/proc/mounts' type column).
 SHARED_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "cephfs", "glusterfs",
@@ -42,21 +54,12 @@ def filesystem(path: str) -> str | None:
     return best[1] if best else None
 
 
-def check_workdir(workdir: str, backend: str, shared_ok: bool) -> str:
+def check_workdir(workdir: str, backend: str, shared_ok: bool, dry_run: bool = False) -> str:
     """The workdir is one place for every host: a gs:// folder whose bucket exists, or (`shared_ok`:
-    SLURM's nodes) a path on a network filesystem."""
+    SLURM's nodes) a path on a network filesystem. With `dry_run`, a bucket that cannot be reached is
+    a warning (the returned note starts with "warning:")."""
     if paths.is_remote(workdir):
-        bucket = workdir.split("/")[2]
-        try:
-            reachable = paths.path(f"gs://{bucket}").exists()
-        except Exception as e:  # no credentials, no network: say which
-            raise ConfigError(f"--workdir={workdir}: bucket gs://{bucket} cannot be read from here "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); check your credentials "
-                              "(gcloud auth application-default login)") from None
-        if not reachable:
-            raise ConfigError(f"--workdir={workdir}: bucket gs://{bucket} does not exist; create it "
-                              f"(gcloud storage buckets create gs://{bucket}) or fix the name")
-        return f"workdir {workdir} (bucket gs://{bucket} exists)"
+        return check_bucket(workdir, dry_run)
     kind = filesystem(workdir)
     if shared_ok and kind in SHARED_FILESYSTEMS:
         return f"workdir {workdir} (on {kind}, shared by the nodes)"
@@ -64,6 +67,50 @@ def check_workdir(workdir: str, backend: str, shared_ok: bool) -> str:
     raise ConfigError(f"--workdir={workdir} is on this machine ({kind or 'local'} filesystem), which the hosts of "
                       f"a {backend} launch cannot all reach; use {where}a gs:// bucket, e.g. "
                       f"--workdir=gs://BUCKET/{os.path.basename(os.path.normpath(workdir)) or 'run'}")
+
+
+def check_bucket(workdir: str, dry_run: bool) -> str:
+    bucket = workdir.split("/")[2]
+    wait_s = DRY_RUN_WAIT_S if dry_run else LAUNCH_WAIT_S
+    for name in CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    import gcsfs  # noqa: F401  (before the clock starts: on a busy machine the import alone took seconds)
+
+    try:
+        exists = within(wait_s, lambda: paths.path(f"gs://{bucket}").exists())
+    except Exception as e:  # no network, no credentials, no answer: say which
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        if dry_run:
+            return (f"warning: bucket gs://{bucket} of --workdir={workdir} could not be checked ({why}); "
+                    "the script below assumes it exists")
+        raise ConfigError(f"--workdir={workdir}: bucket gs://{bucket} cannot be read from here ({why}); check the "
+                          "network and your credentials (gcloud auth application-default login), or pass "
+                          "--dry_run to print the commands anyway") from None
+    if not exists:
+        raise ConfigError(f"--workdir={workdir}: bucket gs://{bucket} does not exist; create it "
+                          f"(gcloud storage buckets create gs://{bucket}) or fix the name")
+    return f"workdir {workdir} (bucket gs://{bucket} exists)"
+
+
+def within(seconds: float, fn):
+    """`fn()`, or a TimeoutError if it has not returned after `seconds`. It runs in a daemon thread,
+    left to finish by itself: the client's retries cannot be cut short from outside."""
+    result = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer in {seconds:g} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def check_fit(job, topology_name: str) -> str:

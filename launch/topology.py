@@ -4,12 +4,15 @@ abstract devices that XLA can compile for on any machine, with no TPU present.
 Needs the optional `libtpu` package (`pip install -e '.[tpu]'`); nothing else in heft does.
 """
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
 import math
 import os
 import re
+import sys
+import tempfile
 
 from heft.model.checks import ConfigError
 from heft.train.chips import CHIPS, Chip
@@ -92,7 +95,8 @@ def _devices(topology: Topology, slices: int = 1) -> tuple:
     if slices > 1:
         kwargs["num_slices"] = slices
     try:
-        desc = topologies.get_topology_desc(topology_name=topology.name, platform="tpu", **kwargs)
+        with _libtpu_quiet():
+            desc = topologies.get_topology_desc(topology_name=topology.name, platform="tpu", **kwargs)
     except jax.errors.JaxRuntimeError as e:
         raise ConfigError(f"--topology={topology.name}: libtpu refuses it: {str(e).splitlines()[0]}") from e
     found = tuple(desc.devices)
@@ -100,3 +104,22 @@ def _devices(topology: Topology, slices: int = 1) -> tuple:
         raise ConfigError(f"--topology={topology.name}: libtpu gave {len(found)} devices for "
                           f"{topology.chips * slices} chips")
     return found
+
+
+@contextlib.contextmanager
+def _libtpu_quiet():
+    """Keeps what libtpu writes straight to the process's stderr while it first loads (on a machine
+    without a TPU: "could not determine TPU accelerator type", an INVALID_ARGUMENT about worker host
+    names and a source trace, none of which matter to an abstract topology) from the terminal; a
+    refusal still reaches the caller as an exception."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)

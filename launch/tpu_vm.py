@@ -8,8 +8,7 @@ the TPU metadata, and several slices (a queued resource of --slices nodes, which
 from the MEGASCALE variables the TPU runtime sets: no flags to pass.
 """
 
-import shlex
-
+from heft.launch import shell
 from heft.launch.job import Job, Step
 from heft.model.checks import ConfigError
 
@@ -27,7 +26,7 @@ def accelerator_type(topo) -> str:
 
 def remote_config_name(job: Job) -> str:
     """Where the config lands in each worker's home directory."""
-    return "heft-" + job.config_path.rsplit("/", 1)[-1]
+    return "heft-" + job.copy_name
 
 
 def steps(job: Job, tpu: str, zone: str, project: str, topo, slices: int = 1, queued: bool = False,
@@ -46,15 +45,18 @@ def steps(job: Job, tpu: str, zone: str, project: str, topo, slices: int = 1, qu
             "gcloud", "compute", "tpus", "queued-resources", "create", tpu, *where,
             f"--accelerator-type={accelerator_type(topo)}",
             f"--runtime-version={runtime_version or RUNTIME[topo.chip.name]}", *nodes]))
-        state = shlex.join(["gcloud", "compute", "tpus", "queued-resources", "describe", tpu, *where,
+        state = shell.join(["gcloud", "compute", "tpus", "queued-resources", "describe", tpu, *where,
                             "--format=value(state.state)"])
         out.append(Step(f"wait until queued resource {tpu} is ACTIVE", [
             "bash", "-c", f'until [ "$({state})" = ACTIVE ]; do sleep 30; done']))
-    remote = remote_config_name(job)
-    out.append(Step("copy the config file to every worker", [
-        *group[0], "scp", job.config_path, f"{tpu}:{remote}", *where, *group[1]]))
-    if setup:
+    remote = None
+    if job.config_file:  # else every worker's heft has the default config already
+        remote = remote_config_name(job)
+        out.append(Step("copy the config file to every worker", [
+            *group[0], "scp", job.config_path, f"{tpu}:{remote}", *where, *group[1]]))
+    if setup:  # a shell command by design: the worker's shell runs it as given
         out.append(Step("set up every worker", [*group[0], "ssh", tpu, *where, *group[1], f"--command={setup}"]))
+    train = job.train_argv(job.remote_config(remote) if remote else None)
     out.append(Step("run heft train on every worker", [
-        *group[0], "ssh", tpu, *where, *group[1], f"--command={shlex.join(job.train_argv(job.remote_config(remote)))}"]))
+        *group[0], "ssh", tpu, *where, *group[1], f"--command={shell.join(train)}"]))
     return out

@@ -50,6 +50,9 @@ def test_tpu_vm_dry_run_prints_the_golden_gcloud_commands(case, gcs):
     expected = [[a.replace("{workdir}", gcs) for a in argv] for argv in golden["argv"]]
     assert commands == expected
     assert f"workdir {gcs} (bucket gs://" in r.stderr
+    # Only heft's notes: no library's log lines (libtpu's, loading for the fit check on a machine
+    # without a TPU, nor the GCS client's).
+    assert all(line.startswith("heft launch: ") for line in r.stderr.splitlines()), r.stderr[-3000:]
     if "--nofit_check" in golden["flags"]:
         assert "fit check skipped" in r.stderr
     else:
@@ -120,7 +123,8 @@ def test_slurm_dry_run_is_an_sbatch_script_that_bash_accepts_with_one_task_per_g
     assert directives == ["--job-name=heft-tiny", "--nodes=2", "--ntasks-per-node=4", "--signal=TERM@120",
                           "--output=%x-%j.out", "--gpus-per-node=4", "--partition=a3", "--time=24:00:00"]
     (srun,) = [shlex.split(line) for line in batch.splitlines() if line.startswith("srun ")]
-    assert srun == ["srun", "heft", "train", f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", f"--workdir={gcs}"]
+    # As given: the tasks start in the folder sbatch ran in, where the relative path means the same file.
+    assert srun == ["srun", "heft", "train", "--config=configs/tiny.py", f"--workdir={gcs}"]
 
 
 def test_a_local_workdir_for_a_multihost_backend_is_a_one_line_error_naming_the_fix():

@@ -8,7 +8,11 @@
 
 Before anything is booked: the config's checks, the workdir every host must reach (gs://, or for
 SLURM a shared filesystem), and for a TPU slice the plan's fit check (launch/preflight.py).
---dry_run prints what would run or be submitted, as a shell script, and exits 0.
+--dry_run prints what would run or be submitted, as a shell script, and exits 0; it needs no network
+(a bucket it cannot reach is a warning). Paths appear in it as they were given.
+
+Every string given (flags, overrides, the arguments after `--`) is checked once here: one holding a
+newline or another control character is refused (launch/shell.py), before any script is written.
 """
 
 import sys
@@ -81,7 +85,10 @@ def main(argv):
             raise ConfigError(f"--slices={f.slices} must be a positive number of slices")
         f.config.mesh.slices = f.slices
         given = [o for o in given if not o.startswith("--config.mesh.slices=")] + [f"--config.mesh.slices={f.slices}"]
-    job = jobs.Job(f.config, config_flags.get_config_filename(f["config"]), tuple(given), f.workdir, tuple(extra))
+    check_given(f, given, extra)
+    config_file = config_flags.get_config_filename(f["config"])
+    job = jobs.Job(f.config, config_file if f["config"].present else None, tuple(given), f.workdir, tuple(extra),
+                   default_config=config_file)
     steps, text = plan_launch(backend, job, f)
     if f.dry_run:
         print(text, end="")
@@ -92,6 +99,21 @@ def main(argv):
         code = local.run(steps)
         sys.exit(code if code >= 0 else 128 - code)  # a process killed by signal N: 128 + N, as shells say
     jobs.run(steps, note=lambda s: print(s, file=sys.stderr, flush=True))
+
+
+def check_given(f, given: list[str], extra: list[str]) -> None:
+    """Refuses, in one line naming it, any string given that a launch script could not carry."""
+    from ml_collections import config_flags
+
+    from heft.launch import shell
+
+    values = [(f"--{flag.name}", flag.value) for flag in f.flags_by_module_dict()[__name__]
+              if isinstance(flag.value, str)]
+    values.append(("--config", config_flags.get_config_filename(f["config"])))
+    values += [(override.split("=", 1)[0], override) for override in given]
+    values += [("an argument after --", a) for a in extra]
+    for what, value in values:
+        shell.check(what, value)
 
 
 def plan_launch(backend: str, job, f) -> tuple[list, str]:
@@ -108,6 +130,12 @@ def plan_launch(backend: str, job, f) -> tuple[list, str]:
             raise ConfigError(f"{backend} needs --topology: the TPU slice, e.g. --topology=v5p:2x2x2 "
                               "(it sets the fit check, the accelerator type and the hosts)")
         topo = topology.parse(f.topology)
+    # The flags' own mistakes before the slower checks (the compile, the network).
+    name = job.name(f.name) if backend in ("gke", "slurm") else None
+    if backend == "slurm":
+        from heft.launch import slurm
+
+        slurm.check_options(f.partition, f.time)
     slices = job.config.mesh.slices
     if backend == "local":
         from heft.launch import local
@@ -118,7 +146,7 @@ def plan_launch(backend: str, job, f) -> tuple[list, str]:
         return steps, local.dry_run_text(steps)
     devices = topo.chips * slices if topo else f.nodes * max(f.gpus_per_node, 1)
     note(preflight.check_config(job, devices))
-    note(preflight.check_workdir(job.workdir, backend, shared_ok=backend == "slurm"))
+    note(preflight.check_workdir(job.workdir, backend, shared_ok=backend == "slurm", dry_run=f.dry_run))
     if topo is not None:
         note(preflight.check_fit(job, f.topology) if f.fit_check else "fit check skipped (--nofit_check)")
     if backend == "tpu-vm":
@@ -128,11 +156,8 @@ def plan_launch(backend: str, job, f) -> tuple[list, str]:
     elif backend == "gke":
         from heft.launch import gke
 
-        name = job.name(f.name)
         steps = (gke.xpk_steps(job, name, f.image, topo, f.cluster, f.zone, f.project, slices, f.max_restarts)
                  if f.xpk else gke.steps(job, name, f.image, topo, slices, f.max_restarts))
     else:
-        from heft.launch import slurm
-
-        steps = slurm.steps(job, job.name(f.name), f.nodes, f.gpus_per_node, f.tasks_per_node, f.partition, f.time)
+        steps = slurm.steps(job, name, f.nodes, f.gpus_per_node, f.tasks_per_node, f.partition, f.time)
     return steps, jobs.script(steps)
