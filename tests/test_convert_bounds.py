@@ -19,7 +19,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from heft.configs import base
-from heft.convert import hf_folder, safetensors_io
+from heft.convert import hf_folder, safetensors_io, tokenizer
 from heft.convert.checkpoints import run_import
 from heft.convert.errors import ConvertError
 from heft.convert.hf import export_hf, import_hf
@@ -259,13 +259,14 @@ def test_weight_map_naming_a_file_outside_the_folder_is_refused(how, llama, tmp_
 # Files: regular, and inside the folder (a symlink out of it is refused).
 
 
-@pytest.mark.parametrize("file", ["model.safetensors", "config.json"])
+@pytest.mark.parametrize("file", ["model.safetensors", "config.json", "tokenizer.json"])
 def test_symlink_out_of_the_folder_is_refused(file, llama, tmp_path):
-    """Before: each was read through the link."""
+    """Before: each was read through the link (and a tokenizer.json copied into the checkpoint)."""
     folder = _copy(llama, tmp_path)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    shutil.copyfile(llama["single"] / file, outside / file)
+    source = llama["single"] / file if file != "tokenizer.json" else _write_tokenizer(outside / "source.json")
+    shutil.copyfile(source, outside / file)
     (folder / file).unlink(missing_ok=True)
     (folder / file).symlink_to(outside / file)
     _refused(folder, tmp_path, rf"hf/{file} is a symlink to .*elsewhere/{file}, outside .*hf; heft reads a model's "
@@ -312,7 +313,8 @@ def test_hub_cache_snapshot_whose_files_link_into_its_blobs_imports(llama, tmp_p
 # Every read is bounded before it starts.
 
 
-@pytest.mark.parametrize("file, limit", [("config.json", hf_folder.MAX_JSON), (INDEX, hf_folder.MAX_JSON)])
+@pytest.mark.parametrize("file, limit", [("config.json", hf_folder.MAX_JSON), (INDEX, hf_folder.MAX_JSON),
+                                         ("tokenizer.json", tokenizer.MAX_BYTES)])
 def test_file_past_its_size_limit_is_refused_unread(file, limit, llama, tmp_path):
     folder = _copy(llama, tmp_path, "sharded")
     with open(folder / file, "wb") as f:  # sparse: no disk, and nothing would be read in time if it were
@@ -321,3 +323,48 @@ def test_file_past_its_size_limit_is_refused_unread(file, limit, llama, tmp_path
     _refused(folder, tmp_path, rf"{file} holds {limit + 1:,} bytes, more than the {limit:,} heft reads")
     assert time.perf_counter() - start < 2
 
+
+# tokenizer.json: one heft cannot read stops the import, instead of a checkpoint without it.
+
+
+def _write_tokenizer(path, template_token=None):
+    """A tiny word-level tokenizer.json; `template_token`: the special token its post-processor puts
+    first (named by the template and by its special_tokens, but perhaps not in its vocabulary)."""
+    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+            "model": {"type": "WordLevel", "vocab": {"<unk>": 0, "a": 1, "b": 2}, "unk_token": "<unk>"}}
+    if template_token:
+        spec["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": template_token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {template_token: {"id": template_token, "ids": [99], "tokens": [template_token]}}}
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_tokenizer_template_naming_a_token_not_in_the_vocabulary_is_one_line(llama, tmp_path):
+    """Before: a TypeError's traceback once config.json gave a bos_token_id (bos_id was None)."""
+    pytest.importorskip("tokenizers")
+    folder = _copy(llama, tmp_path)
+    _edit_config(folder, bos_token_id=1)
+    _write_tokenizer(folder / "tokenizer.json", template_token="<s>")
+    _refused(folder, tmp_path, r"tokenizer\.json: tokenizer\.json's post_processor template starts with '<s>', "
+                               r"which is not in its vocabulary; add the token")
+
+
+def test_tokenizer_json_the_library_cannot_read_stops_the_import(llama, tmp_path):
+    """Before: the weights were imported without it, and only a note said so."""
+    pytest.importorskip("tokenizers")
+    folder = _copy(llama, tmp_path)
+    (folder / "tokenizer.json").write_text('{"model": {"type": "NoSuchModel"}}')
+    _refused(folder, tmp_path, r"tokenizer\.json: .*cannot be read by the tokenizers library.*\(or delete it to "
+                               "import the weights without a tokenizer\\)")
+
+
+def test_readable_tokenizer_json_with_its_template_token_in_the_vocabulary_is_found(tmp_path):
+    """The check above refuses only what it should: the same file, its template naming a known token."""
+    pytest.importorskip("tokenizers")
+    path = _write_tokenizer(tmp_path / "tokenizer.json", template_token="a")
+    assert tokenizer.find(str(tmp_path)) == (str(path), None)
+    assert tokenizer.special_ids(str(path))[0] == 1
