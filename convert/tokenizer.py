@@ -13,7 +13,7 @@ from etils import epath
 from heft.convert import hf_folder, paths
 from heft.convert.errors import ConvertError
 from heft.data import tokenizer as tokenizers
-from heft.data.errors import DataError
+from heft.data.errors import DataError, TokenizerFormatError
 
 SENTENCEPIECE = "tokenizer.model"
 HF_JSON = "tokenizer.json"
@@ -37,8 +37,10 @@ def _readable(path: epath.Path) -> bool:
 def find(hf_dir: epath.Path) -> tuple[epath.Path | None, str | None]:
     """(path of the folder's tokenizer file or None, a note saying what was left behind and why).
 
-    A tokenizer.json heft cannot read stops the import (ConvertError): importing without it would
-    drop the tokenizer the folder holds."""
+    A tokenizer.json the tokenizers library cannot parse (a newer format, say) is left behind with a
+    note, and the weights are imported alone. One it parses that heft cannot use (its template names a
+    token not in its vocabulary) stops the import (ConvertError), as one past its size limit, outside
+    the folder or not a regular file does: the file is the folder's tokenizer, and it is broken."""
     spm = hf_folder.member(hf_dir, SENTENCEPIECE)
     if spm and _readable(spm):
         return spm, None
@@ -46,6 +48,9 @@ def find(hf_dir: epath.Path) -> tuple[epath.Path | None, str | None]:
     if hf:
         try:
             _load(hf)
+        except TokenizerFormatError:
+            return None, (f"{hf} cannot be read by the tokenizers library; the weights are imported without a "
+                          "tokenizer")
         except DataError as e:
             raise ConvertError(f"{hf}: {e} (or delete it to import the weights without a tokenizer)") from None
         return hf, None
