@@ -7,6 +7,7 @@ splits into heft's q, k, v [embed, heads, head_dim].
 
 from heft.configs import base
 from heft.convert.errors import ConvertError
+from heft.convert.hf_folder import FLAG, NUMBER, SIZE, TEXT, optional
 from heft.convert.mapping import Tensor, one, split_columns, split_vector
 from heft.model.checks import head_dim
 
@@ -19,6 +20,12 @@ TO_HF_ACTIVATION = {"gelu": "gelu_new", "relu": "relu"}
 REQUIRED = (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
             ("add_cross_attention", False))
 PREFIX = "transformer."  # transformers saves it; the original hub files of gpt2 omit it
+# config.json's fields this family reads, and what each must hold (as llama.py's).
+FIELDS = {"vocab_size": SIZE, "n_embd": SIZE, "n_layer": SIZE, "n_head": SIZE, "n_inner": optional(SIZE),
+          "n_positions": optional(SIZE), "layer_norm_epsilon": optional(NUMBER),
+          "activation_function": optional(TEXT), "tie_word_embeddings": optional(FLAG),
+          **{field: optional(FLAG) for field, _ in REQUIRED}}
+COUNTS = ((("n_layer",), lambda m: m.depth, r"^(?:transformer\.)?h\.(\d{1,9})\."),)
 
 
 def heft_config(hf: dict):

@@ -6,9 +6,15 @@ tensor), the [depth]-stacked block parameters by writing one layer at a time int
 already sharded array. Host memory beyond the placed model is about one checkpoint tensor
 (bench/RESULTS.md, "Hugging Face import"). A Hugging Face folder may be local or in a bucket
 (gs://): a bucket's shards pass through local disk one at a time (`paths.py`).
+
+Nothing in the folder is trusted: its files are read bounded and checked by hf_folder.py and
+safetensors_io.py, and the counts config.json gives (layers, experts) are checked against the stored
+tensors' names before the tensor table that grows with them is built; every other size then meets a
+stored header's shape before any array is shaped by it.
 """
 
 import json
+import re
 from functools import cache
 
 import jax
@@ -18,7 +24,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from heft.convert import gpt2, llama, mixtral, paths, safetensors_io, t5, tokenizer
+from heft.convert import gpt2, hf_folder, llama, mixtral, paths, safetensors_io, t5, tokenizer
 from heft.convert.errors import ConvertError
 from heft.data import paths as data_paths
 from heft.model.build import abstract
@@ -30,17 +36,21 @@ FAMILIES = {family.MODEL_TYPE: family for family in (llama, gpt2, t5, mixtral)}
 # Which family, and the heft config.
 
 
+# config.json's fields every family reads, to find which family it is.
+FIELDS = {"model_type": hf_folder.optional(hf_folder.TEXT), "architectures": hf_folder.optional(hf_folder.TEXTS)}
+
+
 def read_config(hf_dir: epath.PathLike) -> dict:
+    """A folder's config.json, read bounded, its family known and every field that family reads
+    checked for its kind (optional nulls dropped)."""
     hf_dir = data_paths.path(hf_dir)
     if not hf_dir.is_dir():
         raise ConvertError(f"{hf_dir} is not a directory; pass the folder holding config.json and the weights")
-    path = hf_dir / "config.json"
-    if not path.exists():
+    path = hf_folder.member(hf_dir, "config.json")
+    if path is None:
         raise ConvertError(f"{hf_dir} has no config.json; pass a Hugging Face model folder")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{path} is not valid JSON ({e}); download it again") from None
+    hf = hf_folder.check_fields(hf_folder.read_json(path), FIELDS, path)
+    return hf_folder.check_fields(hf, family_of(hf).FIELDS, path)
 
 
 def family_of(hf: dict):
@@ -72,7 +82,10 @@ def family_for(m):
 def heft_config(hf_dir: epath.PathLike, config_overrides: dict | None = None):
     """The heft config of a folder's config.json, with dotted-field overrides
     (e.g. {"model.param_dtype": "bfloat16"}) applied, and checked."""
-    hf = read_config(hf_dir)
+    return _heft_config(read_config(hf_dir), config_overrides)
+
+
+def _heft_config(hf: dict, config_overrides: dict | None):
     config = family_of(hf).heft_config(hf)
     config.update_from_flattened_dict(dict(config_overrides or {}))
     config.train.seq_len = min(config.train.seq_len, config.model.max_len)
@@ -114,6 +127,22 @@ def _check_plan(plan, expected: dict, family) -> None:
         side = "has no counterpart in" if path in expected else "is filled by"
         raise ConvertError(f"heft parameter {path} {side} the {family.ARCHITECTURE} tensor table; "
                            "this config cannot be converted")
+
+
+def _check_counts(hf: dict, family, m, names: list[str], hf_dir: epath.Path) -> None:
+    """Each count config.json gives of repeated tensors (layers, experts) is the number stored, numbered
+    0 to count - 1. The tensor table grows with these counts, so this runs before it is built: sizes
+    config.json gives are never trusted beyond the weights that back them."""
+    for fields, size, pattern in family.COUNTS:
+        want, found = size(m), set()
+        for name in names:
+            if match := re.search(pattern, name):
+                found.add(int(match.group(1)))
+        if len(found) != want or max(found, default=-1) != want - 1:  # i.e. found is 0 .. want - 1
+            field = next((f for f in fields if f in hf), fields[-1])
+            held = f"{len(found)} (numbered {min(found)} to {max(found)})" if found else "none"
+            raise ConvertError(f"config.json in {hf_dir} has {field}={want}, but its tensors hold {held}; fix "
+                               "config.json to match the weights, or download every shard")
 
 
 def _check_tensors(reader, plan, family, m, hf_dir: epath.Path) -> None:
@@ -184,15 +213,17 @@ def import_hf(hf_dir: epath.PathLike, mesh=None, config_overrides: dict | None =
     tensor, and pickled weights, before any weight is read.
     """
     hf_dir = data_paths.path(hf_dir)
-    family = family_of(read_config(hf_dir))
-    config = heft_config(hf_dir, config_overrides)
+    hf = read_config(hf_dir)
+    family = family_of(hf)
+    config = _heft_config(hf, config_overrides)
     m = config.model
-    with safetensors_io.Reader(hf_dir) as reader:
+    with safetensors_io.Reader(hf_dir) as reader:  # every header read bounded and checked
+        _check_counts(hf, family, m, reader.names(), hf_dir)  # before the plan, whose length they set
         plan = family.tensors(m, reader.names())
+        _check_tensors(reader, plan, family, m, hf_dir)  # before any size from config.json shapes an array
         abstract = abstract_params(m)
         expected = _flat(abstract)  # dotted path -> ShapeDtypeStruct
         _check_plan(plan, expected, family)
-        _check_tensors(reader, plan, family, m, hf_dir)
 
         if mesh is None:
             shardings = {path: SingleDeviceSharding(jax.devices()[0]) for path in expected}

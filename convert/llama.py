@@ -8,6 +8,7 @@ half-rotation RoPE layout heft uses, so no rows are permuted.
 
 from heft.configs import base
 from heft.convert.errors import ConvertError
+from heft.convert.hf_folder import FLAG, NUMBER, SIZE, TEXT, obj, optional
 from heft.convert.mapping import one, transposed
 from heft.model.checks import head_dim
 
@@ -17,6 +18,19 @@ ARCHITECTURE = "LlamaForCausalLM"
 ACTIVATIONS = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
 TO_HF_ACTIVATION = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# config.json's fields this family reads, and what each must hold (checked in hf_folder.check_fields
+# before heft_config reads them).
+ROPE = obj({"rope_type": optional(TEXT), "type": optional(TEXT), "rope_theta": optional(NUMBER),
+            "factor": optional(NUMBER), "low_freq_factor": optional(NUMBER), "high_freq_factor": optional(NUMBER),
+            "original_max_position_embeddings": optional(SIZE)})
+FIELDS = {"vocab_size": SIZE, "hidden_size": SIZE, "num_hidden_layers": SIZE, "num_attention_heads": SIZE,
+          "intermediate_size": SIZE, "num_key_value_heads": optional(SIZE), "head_dim": optional(SIZE),
+          "max_position_embeddings": optional(SIZE), "rms_norm_eps": optional(NUMBER), "hidden_act": optional(TEXT),
+          "attention_bias": optional(FLAG), "mlp_bias": optional(FLAG), "tie_word_embeddings": optional(FLAG),
+          "rope_theta": optional(NUMBER), "rope_parameters": ROPE, "rope_scaling": ROPE}
+# Counts of repeated tensors, checked against the stored names before the tensor table is built:
+# (config.json fields that may give it, its heft size, the pattern whose group numbers the stored ones).
+COUNTS = ((("num_hidden_layers",), lambda m: m.depth, r"^model\.layers\.(\d{1,9})\."),)
 
 
 def heft_config(hf: dict):

@@ -11,11 +11,16 @@ tensors fills one (layer, expert) slot of [depth, experts, ...] parameters.
 from heft.configs import base
 from heft.convert import llama
 from heft.convert.errors import ConvertError
+from heft.convert.hf_folder import INDEX, NUMBER, SIZE, optional
 from heft.convert.mapping import one
 
 MODEL_TYPE = "mixtral"
 ARCHITECTURE = "MixtralForCausalLM"
 MLP = "moe"  # the kind of model.mlp this family holds (convert/hf.py matches it on export)
+FIELDS = llama.FIELDS | {"num_local_experts": SIZE, "num_experts_per_tok": SIZE,
+                         "router_aux_loss_coef": optional(NUMBER), "sliding_window": optional(INDEX)}
+COUNTS = llama.COUNTS + ((("num_local_experts",), lambda m: m.moe.experts,
+                          r"\.block_sparse_moe\.experts\.(\d{1,9})\."),)
 
 
 def heft_config(hf: dict):

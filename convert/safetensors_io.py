@@ -7,10 +7,16 @@ so they are refused, never opened. Shapes and dtypes come from each file's JSON 
 few kB, read in place even in a bucket); tensors are read with safetensors' `safe_open`, which
 needs a local file, so a bucket's shard is streamed to a temporary file while its tensors are
 read, and deleted before the next one.
+
+Headers are the sizes every later check trusts, so they are read bounded (a length field beyond the
+file or safetensors' own 100 MB limit is refused unread) and checked whole: each tensor's bytes are
+its shape times its dtype's width, and the tensors tile the data that follows, as safetensors itself
+requires. A weight_map's file names pass `hf_folder.member`, so no shard is read from outside the folder.
 """
 
 import contextlib
 import json
+import math
 
 import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16", which safetensors' numpy reader needs)
 import numpy as np
@@ -18,7 +24,7 @@ from etils import epath
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from heft.convert import paths
+from heft.convert import hf_folder, paths
 from heft.convert.errors import ConvertError
 from heft.data import paths as data_paths
 
@@ -28,6 +34,11 @@ PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # The dtypes of weights heft imports; quantized or integer tensors are another kind of file.
 FLOATS = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 REDOWNLOAD = "download it again"
+MAX_HEADER = 100_000_000  # bytes: safetensors' own limit on a header
+# Bits per element of each dtype safetensors defines (the sub-byte floats pack several to a byte).
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6,
+              "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+              "I64": 64, "U64": 64, "F64": 64, "C64": 64}
 
 
 class Reader:
@@ -45,7 +56,7 @@ class Reader:
         missing = sorted(n for n in self.files if n not in self._shapes)
         if missing:
             raise ConvertError(
-                f"{INDEX} in {folder} maps {missing[0]} to {self.files[missing[0]]}, which does not hold it; "
+                f"{INDEX} in {folder} maps {missing[0]!r} to {self.files[missing[0]]!r}, which does not hold it; "
                 "re-download the checkpoint"
             )
         # A bucket's folder: the one shard copied here, (file name, local path), and what deletes it.
@@ -109,42 +120,88 @@ def header(file: epath.Path) -> dict[str, tuple[tuple[int, ...], str]]:
     with file.open("rb") as f:
         prefix = f.read(8)
         n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if n < 2 or 8 + n > size:
+        if n < 2:
             raise ConvertError(f"{file} is not a whole safetensors file ({size:,} bytes, too short for its header); "
                                f"{REDOWNLOAD}")
-        try:
-            entries = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ConvertError(f"{file} is not a safetensors file (its header is not JSON); {REDOWNLOAD}") from None
-    entries.pop("__metadata__", None)
+        if 8 + n > size:
+            raise ConvertError(f"{file}'s header length field says {n:,} bytes, but the file holds {size:,}: it is not "
+                               f"a whole safetensors file; {REDOWNLOAD}")
+        if n > MAX_HEADER:
+            raise ConvertError(f"{file}'s header length field says {n:,} bytes, over safetensors' limit of "
+                               f"{MAX_HEADER:,}; it is not a safetensors file: {REDOWNLOAD}")
+        text = f.read(n)
     try:
-        end = max((e["data_offsets"][1] for e in entries.values()), default=0)
-        shapes = {name: (tuple(e["shape"]), e["dtype"]) for name, e in entries.items()}
-    except (KeyError, IndexError, TypeError):
-        raise ConvertError(f"{file} has a malformed safetensors header; {REDOWNLOAD}") from None
+        entries = json.loads(text)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past Python's limit
+        entries = None
+    if not isinstance(entries, dict):
+        raise ConvertError(f"{file} is not a safetensors file (its header is not a JSON object); {REDOWNLOAD}")
+    entries.pop("__metadata__", None)
+    shapes, spans = {}, []
+    for name, entry in entries.items():
+        shape, dtype, span = _entry(file, name, entry)
+        shapes[name] = (shape, dtype)
+        spans.append((span, name))
+    end = 0
+    for (begin, stop), name in sorted(spans):  # the tensors tile the data, in order, with no gap or overlap
+        if begin != end:
+            raise ConvertError(f"{file} has a malformed safetensors header: tensor {name!r} starts at byte {begin:,} of "
+                               f"the data, not at {end:,} where the one before it ends; {REDOWNLOAD}")
+        end = stop
     if 8 + n + end != size:
         raise ConvertError(f"{file} holds {size:,} bytes but its header describes {8 + n + end:,}: it is truncated "
                            f"or damaged; {REDOWNLOAD}")
     return shapes
 
 
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _entry(file: epath.Path, name: str, entry) -> tuple[tuple[int, ...], str, tuple[int, int]]:
+    """(shape, dtype tag, (first byte, end byte)) of one header entry, each checked: a shape of
+    non-negative integers, a dtype safetensors defines, and offsets that span exactly the bytes they hold."""
+    def malformed(why: str):
+        return ConvertError(f"{file} has a malformed safetensors header: tensor {name[:200]!r} {why}; {REDOWNLOAD}")
+
+    if not name.isprintable():
+        raise malformed("has a name with control characters")
+    if not isinstance(entry, dict):
+        raise malformed("is described by no object of dtype, shape and data_offsets")
+    shape, dtype, offsets = entry.get("shape"), entry.get("dtype"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(map(_count, shape)):
+        raise malformed(f"has shape {json.dumps(shape)[:60]}, not a list of integers from 0")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise malformed(f"has dtype {json.dumps(dtype)[:40]}, which is none of safetensors' ({', '.join(DTYPE_BITS)})")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_count, offsets)) or offsets[0] > offsets[1]:
+        raise malformed(f"has data_offsets {json.dumps(offsets)[:60]}, not [first byte, end byte]")
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    if bits % 8 or offsets[1] - offsets[0] != bits // 8:
+        takes = f"{bits // 8:,} bytes" if bits % 8 == 0 else f"{bits:,} bits, not whole bytes"
+        raise malformed(f"has data_offsets {offsets}, {offsets[1] - offsets[0]:,} bytes, but a {dtype} tensor of "
+                        f"shape {json.dumps(shape)[:60]} takes {takes}")
+    return tuple(shape), dtype, tuple(offsets)
+
+
 def _weight_map(folder: epath.Path) -> dict[str, str]:
     if not folder.is_dir():
         raise ConvertError(f"{folder} is not a directory; pass the folder holding config.json and the weights")
-    index = folder / INDEX
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text()).get("weight_map")
-        except json.JSONDecodeError:
-            weight_map = None
+    index = hf_folder.member(folder, INDEX)
+    if index:
+        weight_map = hf_folder.read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ConvertError(f"{index} has no weight_map; re-download the checkpoint")
-        for file in set(weight_map.values()):
-            if not (folder / file).exists():
-                raise ConvertError(f"{index} names {file}, which is not in {folder}; download every shard")
+            raise ConvertError(f"{index} has no weight_map (an object from tensor name to file); {REDOWNLOAD}")
+        for name, file in weight_map.items():
+            if not isinstance(file, str):
+                raise ConvertError(f"{index} has weight_map[{name[:200]!r}]={json.dumps(file)[:60]}, but it must be "
+                                   f"the name of a safetensors file in {folder}; {REDOWNLOAD}")
+        for file in sorted(set(weight_map.values())):
+            if hf_folder.member(folder, file, named_by=index) is None:
+                raise ConvertError(f"{index} names {file!r}, which is not in {folder}; download every shard")
         return weight_map
-    if (folder / SINGLE).exists():
-        return {name: SINGLE for name in header(folder / SINGLE)}
+    single = hf_folder.member(folder, SINGLE)
+    if single:
+        return {name: SINGLE for name in header(single)}
     listing = [p.name for p in folder.iterdir()]
     pickled = sorted(f for f in listing if f.endswith(PICKLED))
     if pickled:

@@ -18,6 +18,7 @@ transformers loads untied and unscaled.
 
 from heft.configs import base
 from heft.convert.errors import ConvertError
+from heft.convert.hf_folder import FLAG, INDEX, NUMBER, SIZE, TEXT, optional
 from heft.convert.mapping import Tensor, one, transposed
 from heft.model.checks import encoder_depth, family, head_dim
 
@@ -31,6 +32,15 @@ SENTINELS = 100  # T5's extra ids: <extra_id_i> is id 32099 - i above its 32,000
 # Stored copies of `shared.weight` (older files), and a bias transformers never reads.
 TIED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 UNUSED = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+# config.json's fields this family reads, and what each must hold (as llama.py's).
+FIELDS = {"vocab_size": SIZE, "d_model": SIZE, "num_heads": SIZE, "d_ff": SIZE, "num_layers": SIZE,
+          "d_kv": optional(SIZE), "num_decoder_layers": optional(SIZE), "n_positions": optional(SIZE),
+          "relative_attention_num_buckets": optional(SIZE), "relative_attention_max_distance": optional(SIZE),
+          "decoder_start_token_id": optional(INDEX), "layer_norm_epsilon": optional(NUMBER),
+          "feed_forward_proj": optional(TEXT), "tie_word_embeddings": optional(FLAG),
+          "scale_decoder_outputs": optional(FLAG), "is_encoder_decoder": optional(FLAG)}
+COUNTS = ((("num_layers",), encoder_depth, r"^encoder\.block\.(\d{1,9})\."),
+          (("num_decoder_layers", "num_layers"), lambda m: m.depth, r"^decoder\.block\.(\d{1,9})\."))
 
 
 def _activation(hf: dict) -> str:

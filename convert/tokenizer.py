@@ -10,17 +10,20 @@ import json
 
 from etils import epath
 
-from heft.convert import paths
+from heft.convert import hf_folder, paths
+from heft.convert.errors import ConvertError
 from heft.data import tokenizer as tokenizers
-from heft.data.errors import DataError
+from heft.data.errors import DataError, TokenizerFormatError
 
 SENTENCEPIECE = "tokenizer.model"
 HF_JSON = "tokenizer.json"
 OLD_BPE_FILES = ("vocab.json", "merges.txt")  # GPT-2's files before tokenizer.json
+# The largest hub tokenizers (a few hundred thousand pieces) are tens of MB; read none beyond this.
+MAX_BYTES = 256 << 20
 
 
 def _load(path: epath.Path):
-    return tokenizers.from_bytes(path.read_bytes())
+    return tokenizers.from_bytes(hf_folder.read_bytes(path, MAX_BYTES))
 
 
 def _readable(path: epath.Path) -> bool:
@@ -32,20 +35,29 @@ def _readable(path: epath.Path) -> bool:
 
 
 def find(hf_dir: epath.Path) -> tuple[epath.Path | None, str | None]:
-    """(path of the folder's tokenizer file or None, a note saying what was left behind and why)."""
-    spm = hf_dir / SENTENCEPIECE
-    if spm.exists() and _readable(spm):
+    """(path of the folder's tokenizer file or None, a note saying what was left behind and why).
+
+    A tokenizer.json the tokenizers library cannot parse (a newer format, say) is left behind with a
+    note, and the weights are imported alone. One it parses that heft cannot use (its template names a
+    token not in its vocabulary) stops the import (ConvertError), as one past its size limit, outside
+    the folder or not a regular file does: the file is the folder's tokenizer, and it is broken."""
+    spm = hf_folder.member(hf_dir, SENTENCEPIECE)
+    if spm and _readable(spm):
         return spm, None
-    hf = hf_dir / HF_JSON
-    if hf.exists():
-        if _readable(hf):
-            return hf, None
-        return None, (f"{hf} cannot be read by the tokenizers library; the weights are imported without a "
-                      "tokenizer")
-    if spm.exists():
+    hf = hf_folder.member(hf_dir, HF_JSON)
+    if hf:
+        try:
+            _load(hf)
+        except TokenizerFormatError:
+            return None, (f"{hf} cannot be read by the tokenizers library; the weights are imported without a "
+                          "tokenizer")
+        except DataError as e:
+            raise ConvertError(f"{hf}: {e} (or delete it to import the weights without a tokenizer)") from None
+        return hf, None
+    if spm:
         return None, (f"{spm} is not a sentencepiece model and the folder has no {HF_JSON}; the weights are "
                       "imported without a tokenizer")
-    old = [f for f in OLD_BPE_FILES if (hf_dir / f).exists()]
+    old = [f for f in OLD_BPE_FILES if (hf_dir / f).exists()]  # never read
     if old:
         return None, (f"{hf_dir} has {' and '.join(old)} but no {HF_JSON}; save the tokenizer with transformers "
                       "(AutoTokenizer.from_pretrained(dir).save_pretrained(dir)) to write one, then import again")

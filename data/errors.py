@@ -9,6 +9,12 @@ class DataError(ValueError):
     """
 
 
+class TokenizerFormatError(DataError):
+    """A tokenizer file the tokenizers library cannot parse at all (often a format newer than the one
+    installed). Unlike a file that parses but contradicts itself (a DataError), a caller that can go on
+    without the tokenizer may do so: `heft convert --from_hf` imports the weights alone, with a note."""
+
+
 class PrepareStopped(Exception):
     """A stop was asked for (SIGTERM, Ctrl-C) while the corpus was being tokenized: what was written
     is removed, and a rerun prepares it again."""

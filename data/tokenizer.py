@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
-from heft.data.errors import DataError
+from heft.data.errors import DataError, TokenizerFormatError
 
 KINDS = ("bpe", "unigram")
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -244,12 +244,15 @@ class HFTokenizer:
         try:
             self._tok = _Tokenizer.from_str(model.decode("utf-8"))
         except Exception as e:  # the Rust parser raises plain Exceptions
-            raise DataError(f"the tokenizer.json cannot be read by the tokenizers library ({str(e)[:200]}); "
-                            "pass the file as saved by transformers or tokenizers") from None
+            raise TokenizerFormatError(f"the tokenizer.json cannot be read by the tokenizers library ({str(e)[:200]}); "
+                                       "pass the file as saved by transformers or tokenizers") from None
         spec = json.loads(model)
         special = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
         first = _template_first(spec.get("post_processor") or {})
+        if first and self._tok.token_to_id(first) is None:
+            raise DataError(f"tokenizer.json's post_processor template starts with {first!r}, which is not in its "
+                            "vocabulary; add the token to added_tokens or fix the template")
         self.bos_id: int = self._tok.token_to_id(first) if first else self._named(special, BOS_NAMES)
         self.eos_id: int = self._named(special, EOS_NAMES)
         if self.eos_id < 0 and len(special) == 1:  # a single special token ends texts (GPT-2-like)

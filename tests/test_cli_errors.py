@@ -86,8 +86,10 @@ def hf_folder(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("mistake", ["truncated safetensors", "import --out is a file", "export --out is a file"])
+@pytest.mark.parametrize("mistake", ["truncated safetensors", "ten million layers", "import --out is a file",
+                                     "export --out is a file"])
 def test_convert_mistake_prints_one_line_before_the_slow_part(mistake, hf_folder, tmp_path):
+    import json
     import shutil
 
     (tmp_path / "file").write_text("not a folder")
@@ -96,6 +98,11 @@ def test_convert_mistake_prints_one_line_before_the_slow_part(mistake, hf_folder
         weights = tmp_path / "cut" / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-100])
         args, says = [f"--from_hf={tmp_path / 'cut'}", f"--out={tmp_path / 'new'}"], "is truncated or damaged"
+    elif mistake == "ten million layers":  # before: a tensor table of ~5 GB, built over minutes
+        shutil.copytree(hf_folder, tmp_path / "deep")
+        config = json.loads((tmp_path / "deep" / "config.json").read_text())
+        (tmp_path / "deep" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**7}))
+        args, says = [f"--from_hf={tmp_path / 'deep'}", f"--out={tmp_path / 'new'}"], "num_hidden_layers=10000000"
     elif mistake == "import --out is a file":
         args, says = [f"--from_hf={hf_folder}", f"--out={tmp_path / 'file'}"], "is an existing file"
     else:

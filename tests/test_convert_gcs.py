@@ -75,3 +75,22 @@ def test_convert_from_a_bucket_to_a_bucket_and_back_keeps_every_file(gcs, tmp_pa
     assert not (tmp_path / "gs:").exists() and not os.path.exists("gs:")  # nothing went to a local "gs:" folder
     run_export(f"{gcs}/heft", f"{gcs}/back", max_shard_bytes=SHARD)
     assert _files(f"{gcs}/back") == _files(f"{gcs}/hf")
+
+
+def test_weight_map_leading_out_of_a_bucket_folder_is_refused(gcs, tmp_path):
+    """A bucket has no symlinks, but a weight_map's `../` still leads out of the model's prefix."""
+    import json
+
+    from heft.convert.errors import ConvertError
+
+    c, params = _model()
+    export_hf(c, params, str(tmp_path / "hf"), SHARD)
+    files = _files(tmp_path / "hf")
+    index = json.loads(files["model.safetensors.index.json"])
+    index["weight_map"] = {name: "../other/" + file for name, file in index["weight_map"].items()}
+    files["model.safetensors.index.json"] = json.dumps(index).encode()
+    for name, data in files.items():  # every shard is also beside the folder, where the map points
+        epath.Path(f"{gcs}/{'other' if name.startswith('model-') else 'hf'}/{name}").write_bytes(data)
+    with pytest.raises(ConvertError, match=r"index\.json names '\.\./other/model-00001-of-\d+\.safetensors', which "
+                                           r"is outside gs://.*/hf; heft reads a model's files from its own folder"):
+        import_hf(f"{gcs}/hf")
