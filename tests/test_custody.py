@@ -134,6 +134,13 @@ def test_forged_unsigned_step_of_a_signed_run_is_refused_by_the_loader_by_resume
     assert "heft generate:" in r.stderr and "is not signed but the other steps" in r.stderr, r.stderr
 
 
+def test_resuming_a_signed_run_without_its_signing_key_is_refused_before_any_save(signed, tmp_path):
+    steps = _copy(signed, tmp_path)
+    with pytest.raises(manifest.CheckpointError, match=r"are signed \(step 4\) but checkpoint.signing_key is not set"):
+        checkpoint.Checkpointer(os.path.dirname(steps), _config(), note=lambda _: None)
+    assert sorted(os.listdir(steps)) == ["2", "4"]
+
+
 def test_swapped_step_folders_are_refused_by_verify_key_and_by_resume(signed, tmp_path):
     from heft.launch.verbs.verify import report
 
@@ -147,7 +154,7 @@ def test_swapped_step_folders_are_refused_by_verify_key_and_by_resume(signed, tm
     ok, line = report(checkpoint.checkpoints_in(os.path.join(steps, "4"))[0], signed[2])
     assert not ok and "holds step 2, not step 4" in line
     c = _config()
-    c.checkpoint.verify_key = signed[2]
+    c.checkpoint.signing_key, c.checkpoint.verify_key = signed[1], signed[2]
     with pytest.raises(manifest.CheckpointError, match=moved):
         checkpoint.Checkpointer(os.path.dirname(steps), c, note=lambda _: None).latest()
 

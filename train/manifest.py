@@ -445,6 +445,15 @@ def read(directory: epath.PathLike, verify_key: str | None = None) -> dict:
     return manifest
 
 
+def is_signed(directory: epath.Path) -> bool:
+    """Whether a sealed checkpoint's seal carries a signature (not whether it verifies: `read` checks that)."""
+    try:
+        seal = _load_json(paths.path(directory) / SEAL, "seal", MAX_SEAL_BYTES)
+    except (CheckpointError, OSError):
+        return False
+    return isinstance(seal, dict) and "signature" in seal
+
+
 def seal_kind(directory: epath.Path) -> str:
     """How the seal of a checkpoint that `read` accepted protects it, in words for `heft verify`."""
     seal = _load_json(paths.path(directory) / SEAL, "seal", MAX_SEAL_BYTES)

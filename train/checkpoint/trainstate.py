@@ -88,6 +88,7 @@ class Checkpointer:
         if self.process_index == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
         self._recover()
+        self._check_signing()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self.custodian = custody.Custodian(self.process_index, self.process_count, committed,
                                            after_seal=self._retain, signing_key=k.get("signing_key") or None)
@@ -172,6 +173,15 @@ class Checkpointer:
             if newest is not None:
                 self._retain(newest)
         hosts.barrier("checkpoints recovered")
+
+    def _check_signing(self) -> None:
+        """A run whose steps are signed goes on signing: an unsigned step among them would be refused on
+        resume and by every reader (manifest.py), so that is said now rather than at the next start."""
+        sealed = self.sealed_steps()
+        if sealed and not self.config.checkpoint.get("signing_key") and manifest.is_signed(self.step_dir(sealed[-1])):
+            raise CheckpointError(f"the steps in {self.directory} are signed (step {sealed[-1]}) but "
+                                  "checkpoint.signing_key is not set; set it to the run's key, since an unsigned step "
+                                  "among signed ones is refused, or train in a new --workdir")
 
     def _sealable(self, step: int) -> bool:
         """Whether `step`'s save committed whole (orbax's mark, and the facts sealing needs)."""
