@@ -34,7 +34,8 @@ def base_of(facts: dict, where: epath.Path) -> str:
 
 def _load(directory: epath.Path, facts: dict, run, mesh, verify: bool) -> checkpoint.Loaded:
     """Reads a fine-tune (already verified by `checkpoint.load`) as the whole model its base and trained
-    weights make, on `mesh`; `run` is the fine-tune's config."""
+    weights make, on `mesh`; `run` is the fine-tune's config. The base needs no verify key: the fine-tune's
+    manifest (signed, where a key was given) pins it by its manifest's digest (`base_of`)."""
     base = checkpoint.load(base_of(facts, directory), mesh=mesh, verify=verify, config=adapt_config.base_view(run),
                            accept=(checkpoint.FLOAT,)).params
     abstract = trainable.abstract(run)
@@ -49,14 +50,15 @@ KIND = "finetune"
 checkpoint.register(checkpoint.Kind(KIND, lambda facts, config: checkpoint.is_finetune(facts), _load))
 
 
-def merge(source: epath.PathLike, out: epath.PathLike) -> dict:
+def merge(source: epath.PathLike, out: epath.PathLike, verify_key: str | None = None) -> dict:
     """Writes the fine-tune `source` (a workdir or a step) as a whole parameters-only model at `out`;
-    returns what was merged ({"method", "base", "step", "hooks"})."""
+    returns what was merged ({"method", "base", "step", "hooks"}). With `verify_key`, the fine-tune's
+    seal must be a statement signed by its key (its base is pinned by the digest that statement covers)."""
     directory = checkpoint.resolve(source)
-    if not checkpoint.is_finetune(manifest.read(directory)):
+    if not checkpoint.is_finetune(checkpoint.verified(directory, verify=False, verify_key=verify_key)):
         raise manifest.CheckpointError(f"{directory} is not a fine-tune (its manifest names no base); it is a whole "
                                        "model already: heft export writes its parameters alone")
-    loaded = checkpoint.load(directory, accept=(KIND,))
+    loaded = checkpoint.load(directory, accept=(KIND,), verify_key=verify_key)
     run, facts = loaded.config, loaded.facts
     hooks = {h: run.model[h] for h in adapt_config.HOOKS.values() if run.model[h]}
     checkpoint.save_params(out, run, loaded.params, loaded.tokenizer, step=facts.get("step"),

@@ -25,6 +25,12 @@ def define_config(default: str = "tiny.py"):
     return holder
 
 
+def define_verify_key():
+    """--verify_key, for the verbs that read checkpoints (their one loader enforces it)."""
+    flags.DEFINE_string("verify_key", None, "an ed25519 public key (PEM): read only checkpoints whose seal is a "
+                        "statement signed by its private key (checkpoint.signing_key)")
+
+
 def _check(config) -> bool:
     from heft.train import checks
 

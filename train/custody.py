@@ -11,6 +11,10 @@ A file's owner is the process that wrote it where orbax says so (`ocdbt.process_
 I's shards, which may still be in its page cache); any other file goes to a process chosen by a
 hash of its path. Restoring verifies in parallel too (`verify`), with the files split by bytes
 from the manifest, since the restoring processes need not be the ones that wrote.
+
+What a seal is worth (an unkeyed digest against accidents, or a signed statement of run, step,
+config and parent against tampering) is manifest.py's to say; `verify` is the one check every
+reader goes through (heft.train.checkpoint.load's `verified`), on one host or many.
 """
 
 import queue
@@ -94,9 +98,10 @@ def seal(directory: epath.Path, facts: dict, process_index: int, process_count: 
             digest, size = manifest.sha256_file(directory / rel)
             entry = {"sha256": digest, "bytes": size}
         files[rel] = entry
-    result = manifest.write(directory, files, facts, signing_key)
+    # Scratch goes before the seal: a sealed step holds nothing its manifest does not list, and a crash
+    # in between leaves an unsealed step, which the next start seals again from scratch.
     (directory / manifest.SCRATCH).rmtree(missing_ok=True)
-    return result
+    return manifest.write(directory, files, facts, signing_key)
 
 
 def balanced_shares(files: dict, process_count: int) -> dict[str, int]:

@@ -5,6 +5,7 @@ from absl import flags
 
 from heft.convert.checkpoints import run_export, run_import
 from heft.convert.errors import ConvertError
+from heft.launch.flags import define_verify_key
 
 
 def define_flags():
@@ -16,6 +17,7 @@ def define_flags():
     flags.DEFINE_enum("dtype", "param", ["param", "float32", "bfloat16"],
                       "export: dtype of the written tensors; param keeps model.param_dtype")
     flags.DEFINE_integer("max_shard_mb", 2048, "export: the largest safetensors file, in MiB")
+    define_verify_key()
 
 
 def main(argv):
@@ -27,5 +29,9 @@ def main(argv):
         config = run_import(f.from_hf, f.out, f.param_dtype)
         print(f"heft convert: wrote {config.name} checkpoint {f.out} from {f.from_hf}")
     else:
+        if f.verify_key:  # the seal's signature here; the loader then checks every file against that manifest
+            from heft.train import checkpoint
+
+            checkpoint.verified(checkpoint.resolve(f.to_hf), verify=False, verify_key=f.verify_key)
         files = run_export(f.to_hf, f.out, None if f.dtype == "param" else f.dtype, f.max_shard_mb * 1024**2)
         print(f"heft convert: wrote {len(files)} files to {f.out} ({', '.join(files)})")

@@ -11,6 +11,7 @@ import sys
 from absl import flags
 
 from heft.eval.heldout import evaluate, parse_mesh
+from heft.launch.flags import define_verify_key
 from heft.model.checks import ConfigError
 from heft.train.manifest import CheckpointError
 
@@ -29,6 +30,7 @@ def define_flags():
                       "heft_shakespeare_cloze (offline) or hellaswag,arc_easy (need the internet)")
     flags.DEFINE_integer("limit", None, "with --tasks: at most this many examples per task")
     flags.DEFINE_integer("num_fewshot", None, "with --tasks: examples shown before each question (default: the task's)")
+    define_verify_key()
 
 
 def check_flags(f) -> None:
@@ -72,7 +74,7 @@ def main(argv):
     mesh = sharding.make_mesh(config) if f.mesh else checkpoint.serving_mesh(config)
     checks.check_batch(config, mesh.shape, config.train.batch_size, "--batch_size")  # before the slow load
     # Any kind: float, quantized (heft quantize), or a fine-tune read with its base into the whole model.
-    loaded = load(directory, mesh=mesh, verify=not f.skip_verify, config=config)
+    loaded = load(directory, mesh=mesh, verify=not f.skip_verify, config=config, verify_key=f.verify_key)
     if f.tasks:
         return run_tasks(f, loaded)
     # The checkpoint's own tokenizer decides the ids; without one (a checkpoint saved outside

@@ -11,9 +11,10 @@ from absl import flags
 
 
 def define_flags():
-    from heft.launch.flags import define_config
+    from heft.launch.flags import define_config, define_verify_key
 
     define_config("milton.py")
+    define_verify_key()
     flags.DEFINE_string("base", None, "the checkpoint to fine-tune: a workdir (its newest step), a step directory "
                         "or a parameters-only checkpoint (e.g. from heft convert --from_hf)")
     flags.DEFINE_string("workdir", None, "where the fine-tune's checkpoints, metrics and TensorBoard logs go")
@@ -38,6 +39,13 @@ def main(argv):
 
     if not f.base or not f.workdir:
         raise ConfigError("heft finetune needs --base=CHECKPOINT (what to fine-tune) and --workdir=DIR (where to)")
+    if f.verify_key:
+        f.config.checkpoint.verify_key = f.verify_key  # the fine-tune's own resumes check it too
+    if key := f.config.checkpoint.get("verify_key"):
+        # The base's seal and signature here; the loader then checks its files against that manifest.
+        from heft.train import checkpoint
+
+        checkpoint.verified(checkpoint.resolve(f.base), verify=False, verify_key=key)
     from heft.quantize import qat
 
     qat.check(f.config)  # quantize.weights without quantize.qat, or the reverse, stops here

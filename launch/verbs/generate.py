@@ -6,6 +6,7 @@ import time
 from absl import flags
 
 from heft.eval.generate import check_sampling, check_text
+from heft.launch.flags import define_verify_key
 
 
 def define_flags():
@@ -16,6 +17,7 @@ def define_flags():
     flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens only (0: no limit)")
     flags.DEFINE_float("top_p", 0.95, "then among the fewest tokens reaching probability p (1: no limit)")
     flags.DEFINE_integer("seed", 0, "sampling seed")
+    define_verify_key()
     flags.mark_flag_as_required("checkpoint")
 
 
@@ -30,7 +32,7 @@ def main(argv):
 
     check_text(f.prompt)  # these before the slow load
     check_sampling(f.temperature, f.top_k, f.top_p)
-    loaded = load(f.checkpoint)  # any kind: float, quantized, or a fine-tune made whole with its base
+    loaded = load(f.checkpoint, verify_key=f.verify_key)  # any kind: float, quantized, or a fine-tune made whole with its base
     if loaded.tokenizer is None:
         raise CheckpointError(f"checkpoint {f.checkpoint} holds no tokenizer (tokenizer.model or tokenizer.json); "
                               "generate needs one to turn text into tokens (save the checkpoint with its tokenizer)")

@@ -7,10 +7,13 @@ a prefix or a prompt stay as the model's own pieces, which heft eval and heft ge
 
 from absl import flags
 
+from heft.launch.flags import define_verify_key
+
 
 def define_flags():
     flags.DEFINE_string("checkpoint", None, "a fine-tune: its workdir (the newest step) or a step directory")
     flags.DEFINE_string("out", None, "a new directory for the merged parameters-only checkpoint")
+    define_verify_key()
 
 
 def main(argv):
@@ -22,7 +25,7 @@ def main(argv):
         raise CheckpointError("heft merge needs --checkpoint=FINETUNE and --out=NEW_DIR")
     from heft.adapt import load
 
-    merged = load.merge(f.checkpoint, f.out)
+    merged = load.merge(f.checkpoint, f.out, verify_key=f.verify_key)
     kept = (f"; it keeps its {', '.join(f'{k}={v}' for k, v in merged['hooks'].items())} (heft eval and generate read "
             "it; Hugging Face export needs lora or full)") if merged["hooks"] else ""
     print(f"heft merge: wrote {f.out}: the {merged['method']} fine-tune {f.checkpoint} (step {merged['step']}) merged "

@@ -5,6 +5,7 @@ import time
 
 from absl import flags
 
+from heft.launch.flags import define_verify_key
 from heft.model.checks import ConfigError
 from heft.train.manifest import CheckpointError
 
@@ -15,6 +16,7 @@ def define_flags():
     flags.DEFINE_enum("weights", "int8", ["int8", "int4"], "the integer type of the matmul weights")
     flags.DEFINE_integer("group_size", 0, "inputs per scale along each weight's contraction axis; 0: one scale per "
                          "output channel")
+    define_verify_key()
 
 
 def main(argv):
@@ -26,7 +28,7 @@ def main(argv):
 
     from heft.quantize import checkpoint as qcheckpoint
     from heft.quantize import model, rules
-    from heft.train import checkpoint, manifest, size
+    from heft.train import checkpoint, size
 
     source = checkpoint.resolve(f.checkpoint)
     config = checkpoint.read_config(source)
@@ -37,10 +39,10 @@ def main(argv):
     rules.check(qconfig)  # a group size that does not divide a width stops here, before the load
     model.qwix()
     start = time.perf_counter()
-    _, params, tokenizer = checkpoint.load_params(source)
+    loaded = checkpoint.load(source, accept=(checkpoint.FLOAT,), verify_key=f.verify_key)
+    params, facts = loaded.params, loaded.facts
     qparams = model.quantize(qconfig, params, jax.tree.leaves(params)[0].sharding.mesh)
-    facts = manifest.read(source)
-    qcheckpoint.save(f.out, qconfig, qparams, tokenizer, quantized_from=str(source), step=facts.get("step"),
+    qcheckpoint.save(f.out, qconfig, qparams, loaded.tokenizer, quantized_from=str(source), step=facts.get("step"),
                      tokens_seen=facts.get("tokens_seen"))
     before, after = sum(size.bytes_by_dtype(params).values()), sum(size.bytes_by_dtype(qparams).values())
     print(f"heft quantize: wrote {f.out} ({rules.describe(qconfig)}) from {source}: parameters "

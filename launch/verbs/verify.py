@@ -3,8 +3,10 @@
     heft verify WORKDIR [--key=PUBLIC.pem]     # every step; exit 1 if any is damaged
     heft verify --new_key=PRIVATE.pem          # an ed25519 key pair for checkpoint.signing_key
 
-For each checkpoint it reports the seal (the manifest's own digest, and its signature when a key is
-given) and the files (sha256 of each). A step whose save never completed (no seal) is reported as
+For each checkpoint it reports the seal and the files (sha256 of each). An unsigned seal is
+reported as what it is, "seal ok (integrity, unsigned)": a digest that catches accidents (a torn
+write, a damaged disk, a stray edit), not an attacker. A signed one is a statement of run, step,
+config and parent (manifest.py); only with --key is its signer known to be yours. A step whose save never completed (no seal) is reported as
 incomplete, not as damaged: the next `heft train` seals or removes it.
 """
 
@@ -33,7 +35,13 @@ def report(directory: epath.Path, key: str | None = None) -> tuple[bool, str]:
         if not manifest.is_sealed(directory):  # removed by a running job's retention meanwhile
             return True, f"removed  {directory}  (deleted while being checked: a running job's retention)"
         return False, f"FAILED   seal: {e}"
-    seal = "seal signed and ok" if key else "seal ok"
+    kind = manifest.seal_kind(directory)
+    if key:
+        seal = f"seal signed and ok ({kind}, by {key})"
+    elif kind.startswith("signed"):
+        seal = f"seal ok ({kind}; pass --key to check who signed it)"
+    else:
+        seal = f"seal ok ({kind})"
     try:
         manifest.verify(directory, key)
     except manifest.CheckpointError as e:

@@ -40,6 +40,7 @@ from heft.train.checkpoint.load import (  # noqa: F401
                                          read_params,
                                          register,
                                          serving_mesh,
+                                         verified,
 )
 from heft.train.checkpoint.params import export_params, save_params  # noqa: F401
 from heft.train.checkpoint.trainstate import Checkpointer, Resume, committed  # noqa: F401

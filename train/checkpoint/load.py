@@ -5,8 +5,10 @@ how to run them.
     logits = loaded.model()(tokens)                  # or build.forward(loaded.config.model, loaded.model(), batch)
 
 Every verb that reads a checkpoint (eval, generate, export, convert, merge, quantize, a fine-tune's
-base) reads it here, so every one finds, verifies and places it the same way: the path resolved
-(find.py), every host's share of the files checked against the sealed manifest (custody.py), the
+base) reads it here, and resuming a run trusts a step through the same `verified`, so every one
+finds, verifies and places it the same way: the path resolved (find.py), the seal and its statement
+checked (manifest.py: with a verify key, its signature; in a workdir of signed steps, a signature
+always), every host's share of the files checked against the sealed manifest (custody.py), the
 arrays read straight into the shards `mesh` asks for (default: `serving_mesh`), never gathered.
 
 Checkpoints come in kinds, told apart by their manifest. `float` is this module's: a training
@@ -104,19 +106,33 @@ def _refusal(directory: epath.Path, facts: dict, config, accept) -> str:
     return f"{directory} is a float checkpoint; this reads only {', '.join(accept)} checkpoints"
 
 
+def verified(directory: epath.Path, verify: bool = True, verify_key: str | None = None) -> dict:
+    """The manifest of the checkpoint at `directory`, once it is trusted: the one place that decides,
+    for this loader and for resuming a run (trainstate.py) alike.
+
+    Always: the seal covers the manifest, its statement fits the folder, and a step among signed ones
+    is signed by the same signer (manifest.read). With `verify_key`: its signature verifies with that
+    key. With `verify`: every host checks its share of the files too (custody.verify).
+    """
+    if verify:
+        return custody.verify(directory, jax.process_index(), jax.process_count(), verify_key, hosts.gather_ints())
+    return manifest.read(directory, verify_key)
+
+
 def load(directory: epath.PathLike, mesh=None, verify: bool = True, config=None,
-         accept: tuple[str, ...] | None = None) -> Loaded:
+         accept: tuple[str, ...] | None = None, verify_key: str | None = None) -> Loaded:
     """Reads the checkpoint `directory` names (a workdir: its newest sealed step) onto `mesh` (default:
     `serving_mesh` of its config).
 
     verify: every host checks its share of the files against the sealed manifest first.
+    verify_key: an ed25519 public key (`checkpoint.verify_key`, `--verify_key`): the seal must be a
+    statement signed by its private key. Whatever `verify` says, the seal itself is always checked.
     config: replaces the checkpoint's own (another mesh or batch size); its model fields must match.
     accept: the kinds the caller can use (default: any); another kind is refused in one line saying
     which verb reads it.
     """
     directory = resolve(directory)
-    facts = (custody.verify(directory, jax.process_index(), jax.process_count(), gather=hosts.gather_ints())
-             if verify else manifest.read(directory))
+    facts = verified(directory, verify, verify_key)
     if config is None:
         config = config_from_json(json.dumps(facts["config"]))
     elif model := model_differences(facts.get("config", {}), config):
@@ -157,10 +173,11 @@ def read_params(directory: epath.Path, target: dict) -> dict:
     return state["params"]
 
 
-def load_params(directory: epath.PathLike, mesh=None, verify: bool = True, config=None):
+def load_params(directory: epath.PathLike, mesh=None, verify: bool = True, config=None,
+                verify_key: str | None = None):
     """(config, params, tokenizer path or None) of a float checkpoint: `load` for the readers that need
     float parameters (export, conversion, quantization, a fine-tune's base)."""
-    loaded = load(directory, mesh, verify, config, accept=(FLOAT,))
+    loaded = load(directory, mesh, verify, config, accept=(FLOAT,), verify_key=verify_key)
     return loaded.config, loaded.params, loaded.tokenizer
 
 

@@ -34,9 +34,9 @@ def save_params(directory: epath.PathLike, config, params: dict, tokenizer_path:
     hosts.barrier("params saved")
 
 
-def export_params(source: epath.PathLike, out: epath.PathLike) -> str:
+def export_params(source: epath.PathLike, out: epath.PathLike, verify_key: str | None = None) -> str:
     """A parameters-only checkpoint at `out` from a training checkpoint or workdir; returns the source step."""
-    loaded = load(source, accept=(FLOAT,))
+    loaded = load(source, accept=(FLOAT,), verify_key=verify_key)
     save_params(out, loaded.config, loaded.params, loaded.tokenizer, step=loaded.facts.get("step"),
                 tokens_seen=loaded.facts.get("tokens_seen"), exported_from=str(loaded.directory))
     return str(loaded.directory)

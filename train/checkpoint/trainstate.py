@@ -18,6 +18,7 @@ import base64
 import dataclasses
 import datetime
 import re
+import uuid
 
 import jax
 import orbax.checkpoint as ocp
@@ -39,6 +40,7 @@ from heft.train.checkpoint.facts import (
     tokenizer_bytes,
     tokenizer_in,
 )
+from heft.train.checkpoint.load import verified
 from heft.train.manifest import CheckpointError
 
 ITEMS = ("state", "data", "facts")
@@ -86,6 +88,7 @@ class Checkpointer:
         if self.process_index == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
         self._recover()
+        self._check_signing()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self.custodian = custody.Custodian(self.process_index, self.process_count, committed,
                                            after_seal=self._retain, signing_key=k.get("signing_key") or None)
@@ -130,7 +133,20 @@ class Checkpointer:
                 why = (f"older than sealed step {newest}; a deletion or a save was cut short"
                        if newest is not None and step < newest else "its save was cut short")
                 plan["remove"].append([step, why])
+        plan["run_id"] = self._run_id(plan["seal"] if plan["seal"] is not None else newest)
         return plan
+
+    def _run_id(self, newest: int | None) -> str:
+        """The run's id: the one its newest step was saved under, or a new one for a fresh run (or for
+        one saved before run ids)."""
+        if newest is not None:
+            try:
+                run_id = read_facts(self.step_dir(newest)).get("run_id")
+            except (OSError, ValueError, AttributeError):
+                run_id = None
+            if isinstance(run_id, str) and run_id:
+                return run_id
+        return uuid.uuid4().hex
 
     def _recover(self) -> None:
         """Seals the newest committed-but-unsealed step, removes what cannot be trusted, applies retention.
@@ -145,6 +161,8 @@ class Checkpointer:
             self.note(f"heft: sealed step {step} in {self.directory}: its save had completed but the run "
                       "stopped before sealing it")
             newest = step
+        # Every statement names the run and the step before it (manifest.py), kept across resumes.
+        self.run_id, self.parent = plan["run_id"], newest
         if self.process_index == 0:
             for step, why in plan["remove"]:
                 self._remove(self.step_dir(step))
@@ -155,6 +173,15 @@ class Checkpointer:
             if newest is not None:
                 self._retain(newest)
         hosts.barrier("checkpoints recovered")
+
+    def _check_signing(self) -> None:
+        """A run whose steps are signed goes on signing: an unsigned step among them would be refused on
+        resume and by every reader (manifest.py), so that is said now rather than at the next start."""
+        sealed = self.sealed_steps()
+        if sealed and not self.config.checkpoint.get("signing_key") and manifest.is_signed(self.step_dir(sealed[-1])):
+            raise CheckpointError(f"the steps in {self.directory} are signed (step {sealed[-1]}) but "
+                                  "checkpoint.signing_key is not set; set it to the run's key, since an unsigned step "
+                                  "among signed ones is refused, or train in a new --workdir")
 
     def _sealable(self, step: int) -> bool:
         """Whether `step`'s save committed whole (orbax's mark, and the facts sealing needs)."""
@@ -191,7 +218,10 @@ class Checkpointer:
         if not sealed:
             return None
         directory = self.step_dir(sealed[-1])
-        return Resume(sealed[-1], directory, manifest.read(directory, self.config.checkpoint.get("verify_key") or None))
+        return Resume(sealed[-1], directory, verified(directory, verify=False, verify_key=self._verify_key()))
+
+    def _verify_key(self) -> str | None:
+        return self.config.checkpoint.get("verify_key") or None
 
     # Resuming under the same config and data.
 
@@ -229,12 +259,11 @@ class Checkpointer:
     def restore(self, resume: Resume, abstract_state: dict):
         """(state, loader state) of `resume`, read into `abstract_state`'s shardings.
 
-        Every host verifies its share of the files first (`checkpoint.verify`); a mismatch stops the
+        The step is trusted as every reader trusts one (`load.verified`: the seal, its statement and
+        signature, and with `checkpoint.verify` every host's share of the files); a mismatch stops the
         run with CheckpointError naming the file.
         """
-        if self.config.checkpoint.verify:
-            custody.verify(resume.directory, self.process_index, self.process_count,
-                           self.config.checkpoint.get("verify_key") or None, hosts.gather_ints())
+        verified(resume.directory, self.config.checkpoint.verify, self._verify_key())
         try:
             restored = self.manager.restore(resume.step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
@@ -261,6 +290,8 @@ class Checkpointer:
             "tokens_seen": step * t.batch_size * t.seq_len,
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "processes": self.process_count,
+            "run_id": self.run_id,
+            "parent_step": self.parent,
             **self.facts,
         }
         if self._tokenizer_of is not self.prepared:  # read once per data, not at every save
@@ -282,6 +313,7 @@ class Checkpointer:
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(loader_state),
             facts=ocp.args.JsonSave(facts)), force=True)
         self.custodian.add(step, self.step_dir(step), *seal_facts(facts))
+        self.parent = step
         if not self.config.checkpoint.async_save:
             self.wait()
 
