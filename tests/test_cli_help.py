@@ -12,9 +12,11 @@ from heft.launch import cli
 
 
 def _defined_in_source(verb: str) -> list[str]:
-    """The flags a verb's module defines, by reading it: define_config()'s --config, then each DEFINE_*."""
+    """The flags a verb's module defines, by reading it: define_config()'s --config, define_verify_key()'s
+    --verify_key, then each DEFINE_*."""
     source = open(importlib.util.find_spec(cli.VERBS[verb][0]).origin).read()
-    return ["config"] * ("define_config(" in source) + re.findall(r'DEFINE_\w+\(\s*"(\w+)"', source)
+    return (["config"] * ("define_config(" in source) + ["verify_key"] * ("define_verify_key(" in source)
+            + re.findall(r'DEFINE_\w+\(\s*"(\w+)"', source))
 
 
 @pytest.mark.parametrize("verb", list(cli.VERBS))
