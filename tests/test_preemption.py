@@ -1,0 +1,44 @@
+"""A preemption notice reaches every process of a run, whenever it comes: train/preemption.py over JAX's
+own sync point, with two local processes (gloo on CPU) and no model."""
+
+import workers
+
+# A session resumed from step 40 whose process 1 is signalled before its first step (as while it
+# restores or compiles), then steps 41.. with a collective each, asking StopSignal after every one.
+WORKER = r'''
+import os, signal, sys, time
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+import jax
+from jax._src import distributed
+from jax.experimental import multihost_utils
+
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+from heft.train import preemption
+
+stop = preemption.StopSignal()
+if jax.process_index() == 1:
+    os.kill(os.getpid(), signal.SIGTERM)
+# Wait until JAX's sync protocol has run on both processes: each reports its count of calls (here
+# none yet) under this key while it holds the lock that the first call below then waits on, so the
+# sync point is set before any step asks for it. (JAX's internal key: the test fails, not passes,
+# if it changes.)
+client, deadline = distributed.global_state.client, time.time() + 60
+while len(client.key_value_dir_get("PREEMPTION_CURRENT_COUNTER/")) < 2:
+    assert time.time() < deadline, "JAX's preemption sync protocol never ran"
+    time.sleep(0.05)
+for step in range(41, 61):
+    multihost_utils.sync_global_devices(f"step {step}")  # the step's collectives keep the processes together
+    if stop(step):
+        print("stopped at", step, flush=True)
+        break
+else:
+    print("never stopped", flush=True)
+'''
+
+
+def test_a_notice_before_a_resumed_sessions_first_step_stops_every_process_at_that_step(tmp_path):
+    """JAX's sync point counts calls from 0 in every process: a notice before the first call sets it to
+    1, which a session resumed from step 40 would never ask for if it were given the run's steps."""
+    outs = workers.run(tmp_path, WORKER, timeout=180)
+    said = [[line for line in out.splitlines() if "stopped" in line] for out in outs]  # gloo prints here too
+    assert said == [["stopped at 41"]] * 2, outs
