@@ -1,7 +1,12 @@
 """A preemption notice reaches every process of a run, whenever it comes: train/preemption.py over JAX's
-own sync point, with two local processes (gloo on CPU) and no model."""
+own sync point (two local processes, gloo on CPU, no model), which heft alone asks."""
 
+import jax.numpy as jnp
 import workers
+from jax.experimental import multihost_utils
+
+from heft.configs import tiny
+from heft.train import checkpoint
 
 # A session resumed from step 40 whose process 1 is signalled before its first step (as while it
 # restores or compiles), then steps 41.. with a collective each, asking StopSignal after every one.
@@ -42,3 +47,16 @@ def test_a_notice_before_a_resumed_sessions_first_step_stops_every_process_at_th
     outs = workers.run(tmp_path, WORKER, timeout=180)
     said = [[line for line in out.splitlines() if "stopped" in line] for out in outs]  # gloo prints here too
     assert said == [["stopped at 41"]] * 2, outs
+
+
+def test_checkpoint_saves_leave_jaxs_preemption_sync_point_to_heft(tmp_path, monkeypatch):
+    """orbax's manager asks JAX's sync point at every save, with the run's step: JAX's one count of calls
+    per process would jump from the session's steps (what StopSignal counts) to the run's, and a notice
+    then would set a sync point the resumed session reaches only that many steps late."""
+    asked = []
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: asked.append(step) or False)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), tiny.get_config())
+    ckpt.save(3, {"step": jnp.int32(3), "params": {"w": jnp.ones((4, 4))}}, {"consumed": 3})
+    ckpt.close()
+    assert ckpt.sealed_steps() == [3]
+    assert asked == []

@@ -12,7 +12,8 @@ sets the point to the largest counter reported plus one. Were it given the run's
 session (steps S+1, S+2, ...) notified before its first step, while it restores or compiles, would
 find every counter at 0 and the point at 1, which it never asks for: the preemption would go unheeded
 until the scheduler's SIGKILL. It is given the session's own count of steps instead (1 at its first
-step), the same on every process since all of them resume from the same checkpoint.
+step), the same on every process since all of them resume from the same checkpoint; and no one else
+asks it (orbax's checkpoint manager would, with the run's step: train/checkpoint/trainstate.py).
 """
 
 import os
