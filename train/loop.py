@@ -413,10 +413,13 @@ def _evaluate(s: _Session, tally: _Tally, state) -> None:
 
 
 def _stop(s: _Session, tally: _Tally, state) -> None:
-    """A requested stop: saves the step, waits for the save to finish, and sums the goodput so far."""
+    """A requested stop: saves the step, waits for the save to finish, and sums the goodput so far.
+    The steps since the last metrics row are timed too (`train_s`), or the ledger would lose them."""
     step = tally.step
+    jax.block_until_ready(state)
+    trained = {"train_s": time.perf_counter() - tally.interval_start - tally.paused} if tally.interval_steps else {}
     _, save_s = goodput.timed(state, lambda: (s.ckpt.save(step, state, s.loader.state()), s.ckpt.close()))
-    s.writer.write(step, {"checkpoint_s": save_s})
+    s.writer.write(step, {**trained, "checkpoint_s": save_s})
     s.progress.note(f"stopped at step {step}: checkpoint saved in {s.ckpt.directory}")
     tally.stopped_at, tally.goodput = step, goodput.summarize(s.writer.rows())
 
