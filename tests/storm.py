@@ -35,6 +35,7 @@ from workers import free_port
 MOMENTS = ("save", "compilation", "step")
 COMPILING = "heft: compiling the train step"
 COMPILED = "step compiled in"
+CAUGHT = "SIGTERM caught at"  # what JAX's preemption notifier logs when it sees the signal
 _LOGGED = re.compile(r"^step (\d+): loss ")
 _SAVING = re.compile(r"^(\d+)(\.orbax-checkpoint-tmp.*)?$")  # a step's folder, or orbax's while it writes
 
@@ -70,9 +71,9 @@ class Session:
     def output(self, i: int) -> str:
         return "\n".join(line for _, line in list(self.lines[i]))
 
-    def said(self, text: str) -> float | None:
-        """When process 0's first line holding `text` was read, or None."""
-        return next((t for t, line in list(self.lines[0]) if text in line), None)
+    def said(self, text: str, host: int = 0) -> float | None:
+        """When the host's first line holding `text` was read, or None."""
+        return next((t for t, line in list(self.lines[host]) if text in line), None)
 
     def logged(self, at_least: int) -> int | None:
         """The first step at or past `at_least` that process 0 has logged, or None."""
@@ -220,8 +221,11 @@ def run(workdir: str, args: list[str], seed: int, steps: int, span: int = 3, sav
         assert stopped < steps and sealed(directory, stopped), (seed, stopped)
         manifest.verify(os.path.join(directory, str(stopped)))
         _check(p, seen, session, directory, start, stopped, seed)
-        seen.pop("sent")
+        sent = seen.pop("sent")
+        # How long the preemption took to be heeded: JAX's notifier seeing the signal, then the stop saved.
+        caught, said_stop = session.said(CAUGHT, p.host), session.said("stopped at step")
         records.append({"moment": p.moment, "host": p.host, "start": start, "stopped": stopped, **seen,
+                        "caught_s": caught - sent if caught else None, "stopped_s": said_stop - sent,
                         "wall_s": time.monotonic() - began})
         note(f"storm: {records[-1]}")
         start = stopped
