@@ -6,8 +6,9 @@ the run is done.
 Each moment is reached by watching the run rather than by timing it, and checked once the signal is
 sent, so that a storm which missed its moment fails instead of passing for the wrong reason:
 
-- compilation: process 0 says "heft: compiling the train step", then "... step compiled in"; the
-  signal goes between the two lines (the run stops at its first step or, where JAX's notifier, which
+- compilation: process 0 says "heft: compiling the train step" (or, the first time with
+  model.remat=auto, that it compiles it with each policy to time them), then "... step compiled
+  in"; the signal goes between the two lines (the run stops at its first step or, where JAX's notifier, which
   looks for SIGTERM once a second, sees it later, a step or two after);
 - a save: a step's folder (orbax's temporary one, or the step's own without manifest.seal) appears;
   the signal goes then, the step must still be unsealed just after, and sealed and whole once the
@@ -33,7 +34,7 @@ import time
 from workers import free_port
 
 MOMENTS = ("save", "compilation", "step")
-COMPILING = "heft: compiling the train step"
+COMPILING = "compiling the train step"  # heft's note, or remat=auto's when it compiles the step to time it
 COMPILED = "step compiled in"
 CAUGHT = "SIGTERM caught at"  # what JAX's preemption notifier logs when it sees the signal
 _LOGGED = re.compile(r"^step (\d+): loss ")
