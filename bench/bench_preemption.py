@@ -44,8 +44,8 @@ def per_session(rows: list[dict]) -> list[dict]:
 
 def table(sessions: list[dict], records: list[dict]) -> str:
     lines = ["| session | preempted | from step | to step | start-up | compilation | training | checkpoints | "
-             "held-out eval | wall (bench's clock) |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "held-out eval | stopped after the signal | wall (bench's clock) |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for i, (s, r) in enumerate(zip(sessions, records)):
         what = ("not (ran to the end)" if r["moment"] is None else
                 f"{r['moment']} ({'save of step ' + str(r['save']) if r['moment'] == 'save' else ''}"
@@ -53,8 +53,15 @@ def table(sessions: list[dict], records: list[dict]) -> str:
                 f"{'while compiling' if r['moment'] == 'compilation' else ''}; host {r['host']})")
         lines.append(f"| {i + 1} | {what} | {r['start']} | {r['stopped']} | {s['startup_s']:.1f} s | "
                      f"{s['compile_s']:.1f} s | {s['train_s']:.1f} s | {s['checkpoint_s']:.1f} s | "
-                     f"{s['eval_s']:.1f} s | {r['wall_s']:.1f} s |")
+                     f"{s['eval_s']:.1f} s | {_heeded(r)} | {r['wall_s']:.1f} s |")
     return "\n".join(lines)
+
+
+def _heeded(r: dict) -> str:
+    if r["moment"] is None:
+        return ""
+    caught = f"JAX saw it in {r['caught_s']:.1f} s, " if r.get("caught_s") is not None else ""
+    return f"{caught}saved and stopped in {r['stopped_s']:.1f} s"
 
 
 def main() -> None:
