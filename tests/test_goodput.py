@@ -53,3 +53,19 @@ def test_a_run_stopped_then_resumed_before_its_last_save_counts_the_redone_steps
     assert result["train_s"] == pytest.approx(kept)
     assert result["goodput"] == pytest.approx(kept / result["total_s"]) and 0 < result["goodput"] < 1
     assert f"goodput {100 * result['goodput']:.1f}%" in second.stdout and "redone steps" in second.stdout
+
+
+def test_a_stop_between_metrics_rows_times_the_steps_since_the_last_row(tmp_path):
+    """A preemption rarely comes at a logged step: the steps after the last metrics row are trained and
+    saved, so their time is training kept, in the stop's row (else goodput would leave them out)."""
+    workdir = str(tmp_path / "run")
+    r = _heft(["train", f"--workdir={workdir}", "--stop_after=6",
+               *_overrides(tmp_path, steps=10, **{"train.log_every": 4, "train.checkpoint_every": 100})])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stopped at step 6" in r.stdout
+    rows = _rows(workdir)
+    trained = {row["step"]: row["train_s"] for row in rows if "train_s" in row}
+    assert sorted(trained) == [4, 6] and trained[6] > 0, rows
+    stop = next(row for row in rows if row["step"] == 6)
+    assert stop["checkpoint_s"] > 0 and "loss" not in stop  # a ledger row, not a metrics row
+    assert goodput.summarize(rows)["train_s"] == pytest.approx(trained[4] + trained[6])

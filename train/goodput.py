@@ -5,7 +5,8 @@ beside the metrics, so that every restart of the same workdir adds to one ledger
 
     {"step": S, "startup_s": .., "compile_s": ..}   once a session is ready to train (S: its first step);
                                                     start-up runs from the process's own start
-    "train_s" on each metrics row                   seconds in steps since the row before
+    "train_s" on each metrics row                   seconds in steps since the row before (and on
+                                                    a stop's checkpoint row, for the steps since)
     "eval_s" on each held-out row                   seconds of held-out evaluation
     {"step": S, "checkpoint_s": ..}                 seconds the loop waited on a save
     {"step": S, "resumed": true, "redone_steps": N, "redone_s": ..}

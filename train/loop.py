@@ -251,22 +251,24 @@ def _build(config, mesh, workdir, ckpt, resume, prepared, new_corpus, held, trai
     config, program, step_fn, checked_s = _program(config, mesh, trainee, compile_checked, predict_step)
     state, loader_state = _restore(ckpt, resume, program, new_corpus)
     start = int(state["step"])
+    if resume is not None:
+        _note(f"resumed from step {start} in {ckpt.directory}")
     t = config.train
     report = size.report(config, t.batch_size, t.seq_len)
     machine_peak = peak.machine_peak(config)
     batch_sharding = sharding.batch_sharding(config, mesh)
     step_fn, compile_s = _compile(config, mesh, program, step_fn, checked_s)
+    # Said as soon as the step is compiled: with "compiling the train step" before it, the two lines
+    # bracket the compilation (a preemption test sends its signal between them).
+    trained = f" ({program.trainable:,} trained)" if program.trainable is not None else ""
+    _note(f"{report['total_params']:,} parameters{trained} on mesh {dict(mesh.shape)}; "
+          f"step compiled in {compile_s:.1f} s")
     loader = make_loader(config, prepared)
     if loader_state is not None:
         loader.restore(loader_state)
     writer = metrics.Writer(workdir, start)
     writer.write(start, goodput.startup_row(compile_s))
     progress = metrics.Progress(t.steps, start)
-    if resume is not None:
-        progress.note(f"resumed from step {start} in {ckpt.directory}")
-    trained = f" ({program.trainable:,} trained)" if program.trainable is not None else ""
-    progress.note(f"{report['total_params']:,} parameters{trained} on mesh {dict(mesh.shape)}; "
-                  f"step compiled in {compile_s:.1f} s")
     session = _Session(config, mesh, program, step_fn, prepared, ckpt, held, loader, writer, progress,
                        batch_sharding, report, machine_peak, compile_s, start)
     return session, state
@@ -301,6 +303,9 @@ def _compile(config, mesh, program, step_fn, checked_s) -> tuple:
     with sharding.activated(mesh, config):
         compile_start = time.perf_counter()
         if step_fn is None:
+            # A compile can take minutes on a pod (seconds when the compilation cache holds it): said,
+            # so that the wait is not taken for a hang.
+            _note("heft: compiling the train step")
             step_fn = program.train_step.lower(program.abstract_state, *program.frozen,
                                                compiled.abstract_batch(config, mesh)).compile()
         return step_fn, time.perf_counter() - compile_start + checked_s
@@ -409,10 +414,13 @@ def _evaluate(s: _Session, tally: _Tally, state) -> None:
 
 
 def _stop(s: _Session, tally: _Tally, state) -> None:
-    """A requested stop: saves the step, waits for the save to finish, and sums the goodput so far."""
+    """A requested stop: saves the step, waits for the save to finish, and sums the goodput so far.
+    The steps since the last metrics row are timed too (`train_s`), or the ledger would lose them."""
     step = tally.step
+    jax.block_until_ready(state)
+    trained = {"train_s": time.perf_counter() - tally.interval_start - tally.paused} if tally.interval_steps else {}
     _, save_s = goodput.timed(state, lambda: (s.ckpt.save(step, state, s.loader.state()), s.ckpt.close()))
-    s.writer.write(step, {"checkpoint_s": save_s})
+    s.writer.write(step, {**trained, "checkpoint_s": save_s})
     s.progress.note(f"stopped at step {step}: checkpoint saved in {s.ckpt.directory}")
     tally.stopped_at, tally.goodput = step, goodput.summarize(s.writer.rows())
 

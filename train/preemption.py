@@ -6,6 +6,14 @@ processes heft uses JAX's preemption sync point instead: `jax.distributed` insta
 notifier on every host, and `multihost_utils.reached_preemption_sync_point(step)`, asked at every
 step, turns True on every process at the same step once any of them was signalled. Ctrl-C is
 turned into the same signal. With one process a plain signal handler does.
+
+JAX's sync point counts calls, not the run's steps: every process's counter starts at 0, and a notice
+sets the point to the largest counter reported plus one. Were it given the run's steps, a resumed
+session (steps S+1, S+2, ...) notified before its first step, while it restores or compiles, would
+find every counter at 0 and the point at 1, which it never asks for: the preemption would go unheeded
+until the scheduler's SIGKILL. It is given the session's own count of steps instead (1 at its first
+step), the same on every process since all of them resume from the same checkpoint; and no one else
+asks it (orbax's checkpoint manager would, with the run's step: train/checkpoint/trainstate.py).
 """
 
 import os
@@ -23,6 +31,7 @@ class StopSignal:
     def __init__(self, stop_after: int | None = None):
         self.stop_after = stop_after
         self.requested = False
+        self.first: int | None = None  # the session's first step, where JAX's count of steps is 1
         self.distributed = jax.process_count() > 1
         if self.distributed:
             # SIGTERM stays with JAX's notifier; Ctrl-C reaches it as a SIGTERM to this process.
@@ -40,11 +49,15 @@ class StopSignal:
         return self.requested
 
     def __call__(self, step: int) -> bool:
+        """Asked after every step of the session, in order, on every process."""
+        if self.first is None:
+            self.first = step
         if self.distributed:
             from jax.experimental import multihost_utils
 
             try:
-                self.requested = multihost_utils.reached_preemption_sync_point(step) or self.requested
+                counted = step - self.first + 1
+                self.requested = multihost_utils.reached_preemption_sync_point(counted) or self.requested
             except RuntimeError:  # the preemption service is off (jax_enable_preemption_service)
                 pass
         return self.requested or (self.stop_after is not None and step >= self.stop_after)

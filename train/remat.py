@@ -74,6 +74,9 @@ def resolve(config, mesh, predict: Callable | None = None, note=print) -> Choice
     elif cached is not None:
         choice = Choice(cached["remat"], cached["seconds"], f"cached: {cached['how']} {cached['when']}")
     else:
+        if predict is None:  # minutes of silence otherwise, before a run's first step
+            note(f"heft: compiling the train step with each remat policy to time them ({', '.join(CANDIDATES)}; "
+                 "model.remat=auto, once for this shape and machine)")
         choice = by_prediction(config, mesh, predict) if predict is not None else _time(config, mesh)
         agreed = hosts.broadcast_json({"remat": choice.remat, "seconds": choice.seconds})
         if agreed["remat"] != choice.remat:

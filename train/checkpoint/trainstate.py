@@ -47,6 +47,17 @@ ITEMS = ("state", "data", "facts")
 _TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 
+class _Manager(ocp.CheckpointManager):
+    """orbax's manager, kept off JAX's preemption sync point. train/preemption.py asks it after every
+    step, counting the session's steps; orbax asks it too, at every save and when the save finishes
+    (only to log and to time), with the run's step, which would move JAX's count of calls (one per
+    process) off heft's: a notice would then set the sync point in the run's steps, a resumed
+    session would reach it only that many steps late, and a preemption would go unheeded."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 def committed(directory: epath.Path) -> bool:
     """Whether orbax finished writing the step at `directory` (renamed into place / commit file written)."""
     return directory.exists() and ocp_path.step.is_checkpoint_finalized(directory)
@@ -89,7 +100,7 @@ class Checkpointer:
             self.directory.mkdir(parents=True, exist_ok=True)
         self._recover()
         self._check_signing()
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.manager = _Manager(self.directory, options=options, item_names=ITEMS)
         self.custodian = custody.Custodian(self.process_index, self.process_count, committed,
                                            after_seal=self._retain, signing_key=k.get("signing_key") or None)
         self.started: list[int] = []  # steps this run began to save
