@@ -27,14 +27,15 @@ from heft.train import state as train_state
 from heft.train.manifest import CheckpointError
 
 
-def identify(base: epath.PathLike) -> tuple[epath.Path, dict, dict]:
-    """(directory, manifest, identity) of the base checkpoint `base` (a workdir: its newest step).
+def identify(base: epath.PathLike, verify_key: str | None = None) -> tuple[epath.Path, dict, dict]:
+    """(directory, manifest, identity) of the base checkpoint `base` (a workdir: its newest step), its
+    seal checked (and its signature, with `verify_key`) before anything in it is trusted.
 
     The identity, saved in every checkpoint of the fine-tune, is where the base was and its
     manifest's digest: the digest covers every file's sha256, so it names the weights exactly.
     """
     directory = checkpoint.resolve(base)
-    facts = manifest.read(directory)
+    facts = checkpoint.verified(directory, verify=False, verify_key=verify_key)
     if "finetune" in facts:
         raise CheckpointError(f"--base={base} is itself a fine-tune; heft merge it into a whole model first and "
                               "fine-tune that")
@@ -97,7 +98,7 @@ def eval_step(run, weights, base, batch, bind=build.bind):
 def program(run, mesh, base_dir, bind=build.bind) -> loop.Program:
     """The fine-tune on `mesh`: the base read into its shards (verified), the state and the steps."""
     base = checkpoint.load_params(base_dir, mesh=mesh, verify=run.checkpoint.verify,
-                                  config=adapt_config.base_view(run))[1]
+                                  config=adapt_config.base_view(run), verify_key=run.checkpoint.get("verify_key"))[1]
     base_sh = jax.tree.map(lambda x: x.sharding, base)
     abstract = trainable.abstract(run)
     state_sh = state_shardings(run, mesh, abstract)
@@ -123,7 +124,7 @@ def finetune(config, base: str, workdir: str, stop_requested=lambda step: False,
     """Fine-tunes the checkpoint `base` as `config.finetune` says, in `workdir` (resuming from its newest
     checkpoint); returns the training loop's summary with the method, the base and the trained count."""
     adapt_config.check(config)  # before the base is even opened
-    base_dir, base_facts, identity = identify(base)
+    base_dir, base_facts, identity = identify(base, config.checkpoint.get("verify_key"))
     run = adapt_config.run_config(config, checkpoint.config_from_json(json.dumps(base_facts["config"])))
     weights = trainable.count(trainable.abstract(run))  # also raises a bad target or freeze regex, early
     tokenizer = checkpoint.Resume(identity["step"] or 0, base_dir, base_facts).tokenizer_path

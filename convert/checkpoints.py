@@ -40,13 +40,13 @@ def run_import(hf_dir: epath.PathLike, out: epath.PathLike, param_dtype: str = "
 
 
 def run_export(checkpoint_dir: epath.PathLike, out: epath.PathLike, dtype: str | None = None,
-               max_shard_bytes: int = 2 * 1024**3):
+               max_shard_bytes: int = 2 * 1024**3, verify_key: str | None = None):
     """Exports a heft checkpoint as a Hugging Face folder `out`; returns the files written. Either
-    may be a local folder or a gs:// one."""
+    may be a local folder or a gs:// one. With `verify_key`, the checkpoint's seal must be signed by it."""
     out = data_paths.path(out)
     paths.check_export_folder(out)  # before the slow load
     from heft.convert import hf
     from heft.train import checkpoint
 
-    config, params, tokenizer = checkpoint.load_params(checkpoint_dir)
+    config, params, tokenizer = checkpoint.load_params(checkpoint_dir, verify_key=verify_key)
     return hf.export_hf(config, params, out, max_shard_bytes, dtype, tokenizer)

@@ -41,11 +41,6 @@ def main(argv):
         raise ConfigError("heft finetune needs --base=CHECKPOINT (what to fine-tune) and --workdir=DIR (where to)")
     if f.verify_key:
         f.config.checkpoint.verify_key = f.verify_key  # the fine-tune's own resumes check it too
-    if key := f.config.checkpoint.get("verify_key"):
-        # The base's seal and signature here; the loader then checks its files against that manifest.
-        from heft.train import checkpoint
-
-        checkpoint.verified(checkpoint.resolve(f.base), verify=False, verify_key=key)
     from heft.quantize import qat
 
     qat.check(f.config)  # quantize.weights without quantize.qat, or the reverse, stops here
