@@ -30,7 +30,7 @@ def _corpus(tmp_path):
 def _overrides(tmp_path, steps=10, **extra):
     fields = {
         "data.corpus": _corpus(tmp_path) if not (tmp_path / "corpus").exists() else str(tmp_path / "corpus"),
-        "data.cache_dir": str(tmp_path / "cache"), "model.vocab": 320, "model.width": 64, "model.depth": 2,
+        "data.cache_dir": str(tmp_path / "cache"), "data.workers": 1, "model.vocab": 320, "model.width": 64, "model.depth": 2,
         "model.heads": 4, "model.kv_heads": 2, "model.mlp_width": 128, "train.seq_len": 64,
         "train.batch_size": 8, "train.steps": steps, "train.warmup_steps": 2, "train.log_every": 1,
         "train.eval_every": 5, "train.eval_batches": 2, "train.checkpoint_every": 5,
