@@ -153,9 +153,14 @@ class Plan:
 
 
 def plan(seed: int, span: int, saves: int = 1) -> list[Plan]:
+    """The three preemptions of seed `seed`: each moment once, in a drawn order; each host signalled at
+    least once (the coordinator's preemption and a worker's reach the run by different paths)."""
     rng = random.Random(seed)
-    return [Plan(moment, rng.randrange(2), rng.randint(1, span) if moment == "step" else rng.randint(1, saves))
-            for moment in rng.sample(MOMENTS, len(MOMENTS))]
+    moments = rng.sample(MOMENTS, len(MOMENTS))
+    hosts = [0, 1, rng.randrange(2)]
+    rng.shuffle(hosts)
+    return [Plan(moment, host, rng.randint(1, span) if moment == "step" else rng.randint(1, saves))
+            for moment, host in zip(moments, hosts)]
 
 
 def _signal(session: Session, p: Plan, directory: str, start: int) -> dict:

@@ -11,7 +11,7 @@ import pytest
 import storm
 from test_train_loop import _metrics, _overrides
 
-from heft.train import checkpoint, goodput
+from heft.train import checkpoint, goodput, manifest
 
 
 @pytest.mark.slow
@@ -40,6 +40,10 @@ def test_a_two_host_run_preempted_in_a_save_a_compilation_and_a_step_ends_bit_eq
     assert [b[s]["loss"] for s in a] == [a[s]["loss"] for s in a], seed
     want, got = checkpoint.load(reference), checkpoint.load(stormed)
     assert int(got.directory.name) == int(want.directory.name) == steps
+    # Each host wrote its own shards, and the seal covers both hosts' files.
+    files = manifest.verify(str(got.directory))["files"]
+    assert any("ocdbt.process_1" in f for f in files) and any("ocdbt.process_0" in f for f in files)
+    assert {r["host"] for r in records if r["moment"]} == {0, 1}  # the coordinator and the worker preempted
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got.params), jax.device_get(want.params))
 
     # The goodput ledger across the four sessions, as heft summed it at the end: each session's

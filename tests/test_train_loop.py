@@ -9,7 +9,6 @@ import subprocess
 import time
 
 import numpy as np
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,52 +142,29 @@ def _two_processes(workdir, args, port, extra=()):
         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")) for i in range(2)]
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one_and_a_sigterm_to_one_of_them_stops_both_at_one_step(tmp_path):
-    """Two local processes (2 CPU devices each, gloo collectives) == one process with 4 devices; a
-    SIGTERM to process 1 alone makes both save the same step and exit 0, and resuming gives the
-    uninterrupted run's losses bit for bit. The checkpoints are sealed by both hosts' hashes."""
-    one, two, cut = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "cut")
-    # A constant rate after warmup: the interrupted run's longer train.steps leaves the schedule alone.
-    # Parameters sharded over both hosts (fsdp), as a pod's are: each host writes its own shards.
-    shard = {"mesh.data": 1, "mesh.fsdp": -1}
-    args = _overrides(tmp_path, steps=12, **{"train.eval_every": 100, "train.checkpoint_every": 4,
-                                             "train.schedule": "constant", **shard})
-    r = _heft(["train", f"--workdir={one}", *args], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_two_processes_with_the_parameters_sharded_over_both_equal_one_process(tmp_path):
+    """Two local processes (2 CPU devices each, gloo collectives), parameters and Adam's moments sharded
+    over both hosts (fsdp) as a pod's are, train as one process with 4 devices does; each host writes
+    its own shards, and the seal covers both. A preemption notice reaching one host of such a run is
+    tests/test_storm.py's: both stop at one step, and the resumed run is bit-equal to an undisturbed one."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = _overrides(tmp_path, steps=12, **{"train.eval_every": 100, "train.checkpoint_every": 12,
+                                             "mesh.data": 1, "mesh.fsdp": -1})
     port = 20000 + os.getpid() % 20000
     procs = _two_processes(two, args, port)
+    # Meanwhile, on its own copy of the tokenized corpus (two runs never prepare one cache at once).
+    r = _heft(["train", f"--workdir={one}", *args, f"--config.data.cache_dir={tmp_path / 'one-cache'}"],
+              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert r.returncode == 0, r.stderr[-3000:]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     a, _ = _metrics(one)
     b, _ = _metrics(two)
     np.testing.assert_allclose([b[s]["loss"] for s in range(1, 13)], [a[s]["loss"] for s in range(1, 13)], rtol=1e-5)
-
-    slow = _overrides(tmp_path, steps=100000, **{"train.eval_every": 100000, "train.checkpoint_every": 4,
-                                                 "train.schedule": "constant", **shard})
-    procs = _two_processes(cut, slow, port + 1)
-    metrics = os.path.join(cut, "metrics.jsonl")
-    deadline = time.time() + 300
-    while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
-        time.sleep(0.2)
-    procs[1].send_signal(signal.SIGTERM)  # the preemption reaches one host only
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-    stopped = int(outs[0].split("stopped at step ")[-1].split()[0])
-    assert stopped < 12, outs[0][-2000:]
-    steps = sorted(int(d) for d in os.listdir(os.path.join(cut, "checkpoints")) if d.isdigit())
-    assert steps[-1] == stopped  # one step, saved by both processes together
     from heft.train import manifest
 
-    files = manifest.verify(os.path.join(cut, "checkpoints", str(stopped)))["files"]
+    files = manifest.verify(os.path.join(two, "checkpoints", "12"))["files"]
     assert any("ocdbt.process_1" in f for f in files) and any("ocdbt.process_0" in f for f in files)
-
-    procs = _two_processes(cut, args, port + 2)
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-    assert f"resumed from step {stopped}" in outs[0]
-    c, _ = _metrics(cut)
-    assert [c[s]["loss"] for s in range(1, 13)] == [b[s]["loss"] for s in range(1, 13)]
 
 
 def test_a_collective_that_failed_for_a_lost_process_is_told_apart(monkeypatch):
