@@ -11,6 +11,7 @@ from a sealed step no more than one interval older, and every sealed step must v
 
 import argparse
 import json
+import os
 import random
 import re
 import signal
@@ -18,10 +19,12 @@ import subprocess
 import sys
 import time
 
+import workers
+
 DRIVER = r'''
 import json, os, sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1 " + os.environ.get("XLA_FLAGS", "")
 import jax, jax.numpy as jnp
 from heft.configs import tiny
 from heft.train import checkpoint
@@ -84,7 +87,8 @@ def verify_all(directory: str) -> tuple[list[int], list[str]]:
 
 def _start(workdir: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", DRIVER, workdir], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+                            stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env=dict(os.environ, XLA_FLAGS=workers.xla_flags(None)))
 
 
 def _read_until(proc, prefix: str, timeout: float) -> tuple[str, list[str]]:

@@ -31,7 +31,7 @@ import subprocess
 import threading
 import time
 
-from workers import free_port
+from workers import free_port, xla_flags
 
 MOMENTS = ("save", "compilation", "step")
 COMPILING = "compiling the train step"  # heft's note, or remat=auto's when it compiles the step to time it
@@ -39,13 +39,6 @@ COMPILED = "step compiled in"
 CAUGHT = "SIGTERM caught at"  # what JAX's preemption notifier logs when it sees the signal
 _LOGGED = re.compile(r"^step (\d+): loss ")
 _SAVING = re.compile(r"^(\d+)(\.orbax-checkpoint-tmp.*)?$")  # a step's folder, or orbax's while it writes
-
-
-def xla_flags(devices: int) -> str:
-    """This process's XLA_FLAGS (the tests' LLVM level, say) with `devices` fake CPU devices."""
-    kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
-            if not f.startswith("--xla_force_host_platform_device_count")]
-    return " ".join([f"--xla_force_host_platform_device_count={devices}", *kept])
 
 
 class Session:

@@ -12,7 +12,7 @@ from heft.data import processes
 _WORKER = textwrap.dedent(
     """
     import hashlib, json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 " + os.environ.get("XLA_FLAGS", "")
     import jax
     port, pid, corpus, shared = sys.argv[1:]
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import workers
 from flax import nnx
 
 from heft.configs import tiny
@@ -122,7 +123,7 @@ def test_generate_verb_continues_prompts_from_a_saved_checkpoint(tmp_path):
     c = tiny.get_config()
     c.model.update(depth=2, vocab=512)  # larger than the tokenizer's 300: padded vocabularies happen
     checkpoint.save_params(str(tmp_path / "ckpt"), c, init_params(c.model, 0), str(spm_path))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=workers.xla_flags(1))
     result = subprocess.run(
         [sys.executable, "-c", "from heft.launch.cli import main; main()", "generate",
          f"--checkpoint={tmp_path / 'ckpt'}", "--prompt=The red dog", "--prompt=A",

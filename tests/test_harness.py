@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import workers
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -29,7 +30,7 @@ So long lives this, and this gives life to thee.
 
 
 def _heft(*args, env=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", **(env or {}))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=workers.xla_flags(1), **(env or {}))
     return subprocess.run([sys.executable, "-c", "from heft.launch.cli import main; main()", *args],
                           capture_output=True, text=True, env=env, timeout=600)
 

@@ -12,7 +12,7 @@ from heft.train import checkpoint
 # restores or compiles), then steps 41.. with a collective each, asking StopSignal after every one.
 WORKER = r'''
 import os, signal, sys, time
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1 " + os.environ.get("XLA_FLAGS", "")
 import jax
 from jax._src import distributed
 from jax.experimental import multihost_utils

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import workers
 
 from heft.configs import tiny
 from heft.model.build import bind as bind_float
@@ -156,7 +157,7 @@ def test_quantize_verb_stops_in_one_line_on_a_bad_group_size(tmp_path, float_par
     c = _config()
     c.quantize.weights = "none"
     checkpoint.save_params(str(tmp_path / "float"), c, float_params)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=workers.xla_flags(1))
     r = subprocess.run([sys.executable, "-c", "from heft.launch.cli import main; main()", "quantize",
                         f"--checkpoint={tmp_path / 'float'}", f"--out={tmp_path / 'q'}", "--weights=int4",
                         "--group_size=64"], capture_output=True, text=True, env=env, timeout=120)

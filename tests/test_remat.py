@@ -136,7 +136,7 @@ def test_the_run_trains_with_the_choice_and_its_checkpoint_keeps_auto(tmp_path, 
 _WORKER = textwrap.dedent(
     """
     import json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 " + os.environ.get("XLA_FLAGS", "")
     import jax
     port, pid, seeded = sys.argv[1:]
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))

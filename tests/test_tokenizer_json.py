@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import workers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -46,7 +47,7 @@ def gpt2_folder(tmp_path_factory):
 
 
 def _heft(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=workers.xla_flags(1))
     return subprocess.run([sys.executable, "-c", "from heft.launch.cli import main; main()", *args],
                           capture_output=True, text=True, env=env, timeout=300)
 

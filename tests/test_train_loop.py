@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import numpy as np
+import workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +67,7 @@ def test_train_writes_metrics_and_resumes_bit_for_bit(tmp_path, tiny_run):
     # evaluations run while the split run trains, each start-up overlapping the others'.
     pool = concurrent.futures.ThreadPoolExecutor()
     evaluations = [pool.submit(_heft, ["eval", f"--checkpoint={straight}", f"--mesh={mesh}", "--json"],
-                               env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+                               env={"XLA_FLAGS": workers.xla_flags(devices)})
                    for devices, mesh in [(1, "1,1,1"), (4, "1,2,2")]]
     pool.shutdown(wait=False)
 
@@ -139,7 +140,7 @@ def _two_processes(workdir, args, port, extra=()):
         ["heft", "train", f"--workdir={workdir}", *args, f"--coordinator=127.0.0.1:{port}",
          "--num_processes=2", f"--process_id={i}", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")) for i in range(2)]
+        env=dict(os.environ, XLA_FLAGS=workers.xla_flags(2))) for i in range(2)]
 
 
 def test_two_processes_with_the_parameters_sharded_over_both_equal_one_process(tmp_path):
@@ -154,7 +155,7 @@ def test_two_processes_with_the_parameters_sharded_over_both_equal_one_process(t
     procs = _two_processes(two, args, port)
     # Meanwhile, on its own copy of the tokenized corpus (two runs never prepare one cache at once).
     r = _heft(["train", f"--workdir={one}", *args, f"--config.data.cache_dir={tmp_path / 'one-cache'}"],
-              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+              env={"XLA_FLAGS": workers.xla_flags(4)})
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]

@@ -19,11 +19,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_DEVICES = "--xla_force_host_platform_device_count"
+
+
+def xla_flags(devices: int | None) -> str:
+    """This process's XLA_FLAGS (the tests' LLVM level, say) with `devices` fake CPU devices, or with
+    no device count (None: a worker sets its own). A subprocess given them compiles as the tests' own
+    processes do, and shares their entries in the compilation cache."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICES)]
+    return " ".join(([f"{_DEVICES}={devices}"] if devices else []) + kept)
+
+
 def run(tmp_path, source: str, args=(), env=lambda i: {}, count: int = 2, timeout: int = 240) -> list[str]:
     """Runs the worker `source` as `count` processes; returns their standard outputs, once all exit 0.
 
-    `env(i)`: process i's changes to this environment (None removes a variable). XLA_FLAGS is not
-    passed on: each worker sets its own device count before importing jax. The tests' folder is on
+    `env(i)`: process i's changes to this environment (None removes a variable). XLA_FLAGS is passed
+    on without a device count: each worker puts its own in front before importing jax. The tests' folder is on
     PYTHONPATH, so a worker may import a test module's helpers.
     """
     port = free_port()
@@ -31,7 +42,7 @@ def run(tmp_path, source: str, args=(), env=lambda i: {}, count: int = 2, timeou
     script.write_text(source)
     procs = []
     for i in range(count):
-        e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        e = dict(os.environ, XLA_FLAGS=xla_flags(None))
         e["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, e.get("PYTHONPATH")) if p)
         for k, v in env(i).items():
             if v is None:
