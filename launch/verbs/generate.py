@@ -5,7 +5,6 @@ import time
 
 from absl import flags
 
-from heft.eval.generate import check_sampling, check_text
 from heft.launch.flags import define_verify_key
 
 
@@ -26,6 +25,7 @@ def main(argv):
     f = flags.FLAGS
     from heft.data import tokenizer as tokenizers
     from heft.eval import text
+    from heft.eval.generate import check_sampling, check_text  # here: `heft generate --help` needs no JAX
     from heft.launch.checkpoints import load
     from heft.train import sharding
     from heft.train.manifest import CheckpointError

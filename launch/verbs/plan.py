@@ -5,10 +5,8 @@ real train step for a TPU slice (or K of them) on this machine and predict fit, 
 import json
 import sys
 
-import jax
 from absl import flags
 
-from heft.launch import plan, search, topology
 from heft.model.checks import ConfigError
 
 
@@ -27,6 +25,10 @@ def define_flags():
 
 def main(argv):
     del argv
+    import jax  # here, not above: `heft plan --help` needs no JAX
+
+    from heft.launch import plan, search, topology
+
     # Planning compiles for abstract devices and never runs on a chip: keep JAX's own backend on
     # the CPU, so a plan on a TPU VM does not claim (or wait for) the chips a run is using.
     jax.config.update("jax_platforms", "cpu")

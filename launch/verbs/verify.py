@@ -16,7 +16,6 @@ from absl import flags
 from etils import epath
 
 from heft.data import paths
-from heft.train import checkpoint, manifest
 
 
 def define_flags():
@@ -27,6 +26,8 @@ def define_flags():
 
 def report(directory: epath.Path, key: str | None = None) -> tuple[bool, str]:
     """(ok, one line) for one checkpoint directory."""
+    from heft.train import manifest  # here, not above: `heft verify --help` needs no JAX
+
     if not manifest.is_sealed(directory):
         return True, f"incomplete {directory}  (its save never completed: not a checkpoint; heft train removes it)"
     try:
@@ -51,6 +52,8 @@ def report(directory: epath.Path, key: str | None = None) -> tuple[bool, str]:
 
 def main(argv):
     f = flags.FLAGS
+    from heft.train import checkpoint, manifest
+
     if f.new_key:
         private = paths.path(f.new_key)
         public = manifest.new_key(private)
