@@ -10,7 +10,6 @@ import sys
 
 from absl import flags
 
-from heft.eval.heldout import evaluate, parse_mesh
 from heft.launch.flags import define_verify_key
 from heft.model.checks import ConfigError
 from heft.train.manifest import CheckpointError
@@ -41,6 +40,8 @@ def check_flags(f) -> None:
         raise ConfigError(f"--batches={f.batches} and --batch_size={f.batch_size} cannot be negative "
                           "(0 means the whole split and the checkpoint's batch size)")
     if f.mesh:
+        from heft.eval.heldout import parse_mesh  # here: `heft eval --help` needs no JAX
+
         parse_mesh(f.mesh)
     if f.tasks:
         try:
@@ -56,6 +57,7 @@ def main(argv):
     f = flags.FLAGS
     check_flags(f)  # before the imports that take seconds
     from heft.data import processes as data_processes
+    from heft.eval.heldout import evaluate, parse_mesh
     from heft.launch.checkpoints import load
     from heft.train import checkpoint, checks, sharding
 

@@ -5,8 +5,6 @@ import json
 
 from absl import flags
 
-from heft.train import size
-
 
 def define_flags():
     from heft.launch.flags import define_config
@@ -20,6 +18,8 @@ def define_flags():
 def main(argv):
     del argv
     f = flags.FLAGS
+    from heft.train import size  # here, not above: `heft size --help` needs no JAX
+
     r = size.report(f.config, f.batch, f.seq_len, quantized=_quantized(f.config))
     print(json.dumps(r) if f.json else size.table(r))
 
