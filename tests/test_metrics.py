@@ -63,3 +63,24 @@ def test_a_tensorboard_thread_that_dies_of_a_full_disk_raises_in_the_next_write_
     assert errors and errors[0].errno == errno.ENOSPC
     assert "Traceback" not in capsys.readouterr().err  # reported once, by the training thread
     w.close()
+
+
+
+def test_tensorboard_loads_without_torch_or_gcs_for_a_local_run_and_gets_gcs_back_for_a_gs_one(monkeypatch):
+    """Start-up: a local run's tensorboardX comes without torch and google-cloud-storage (seconds of
+    imports heft does not use there). A gs:// writer later in the same process can still write."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from heft.train import metrics; metrics._summary_writer_class(False); "
+             "print(sorted(m for m in ('torch', 'google.cloud.storage') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+    from google.cloud import storage
+    from tensorboardX import record_writer
+
+    monkeypatch.setattr(record_writer, "GCS_ENABLED", False)  # as if loaded for a local run first
+    monkeypatch.delattr(record_writer, "storage", raising=False)
+    metrics._summary_writer_class(True)
+    assert record_writer.GCS_ENABLED and record_writer.storage is storage

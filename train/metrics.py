@@ -21,21 +21,28 @@ def memory_in_use_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _summary_writer_class():
-    """tensorboardX's SummaryWriter, imported without torch.
+def _summary_writer_class(remote: bool):
+    """tensorboardX's SummaryWriter, imported without what heft does not use.
 
     tensorboardX imports torch whenever it is installed, only to accept torch tensors (heft logs
-    Python floats); that import costs a few seconds of every run's start-up. torch is hidden while
-    tensorboardX loads, unless this process has imported it already.
+    Python floats), and google-cloud-storage, only to write event files to gs://; together they cost
+    a few seconds of every run's start-up. torch is hidden while tensorboardX loads, and so is
+    google-cloud-storage for a local (not `remote`) event directory, unless this process has
+    imported them already. A gs:// writer later in the same process gets google-cloud-storage back.
     """
-    hidden = "torch" not in sys.modules
-    if hidden:
-        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    names = ["torch"] + ([] if remote else ["google.cloud.storage"])
+    hidden = [name for name in names if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # `import NAME` raises ImportError, which tensorboardX handles
     try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter, record_writer
     finally:
-        if hidden:
-            del sys.modules["torch"]
+        for name in hidden:
+            del sys.modules[name]
+    if remote and not record_writer.GCS_ENABLED:  # loaded earlier in this process for a local directory
+        from google.cloud import storage
+
+        record_writer.storage, record_writer.GCS_ENABLED = storage, True
     return SummaryWriter
 
 
@@ -71,7 +78,7 @@ class Writer:
             dropped = [_row(line) for line in lines if _step_of(line) > start_step]
             self._append(json.dumps({"step": start_step, "resumed": True, "redone_steps": max(redone, 0),
                                      **goodput.lost(dropped)}))
-        SummaryWriter = _summary_writer_class()
+        SummaryWriter = _summary_writer_class(self.remote)
         # tensorboardX writes from a thread through a bounded queue: if that thread dies (a full disk),
         # every later add blocks forever. An unbounded queue never blocks, and `_check_tensorboard`
         # turns the thread's death into the error it died of.
