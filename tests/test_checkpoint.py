@@ -4,13 +4,15 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 import jax
 import numpy as np
 import pytest
+from etils import epath
 
 from heft.configs import tiny
-from heft.train import checkpoint, manifest, sharding
+from heft.train import checkpoint, custody, manifest, sharding
 from heft.train import state as train_state
 
 
@@ -75,6 +77,9 @@ def test_damaged_checkpoint_fails_verify_and_refuses_to_restore(tmp_path, damage
 def test_committed_but_unsealed_step_is_sealed_on_restart_and_later_saves_go_on(tmp_path):
     c, state, directory = _saved(tmp_path, steps=(1, 2))
     os.remove(os.path.join(directory, "2", manifest.SEAL))  # as if killed after orbax's commit, before sealing
+    os.makedirs(os.path.join(directory, "2", manifest.SCRATCH))  # with a host's report of that cut-short seal
+    with open(os.path.join(directory, "2", manifest.SCRATCH, "process_1.json"), "w") as f:
+        json.dump({"error": "No space left on device"}, f)
     notes = []
     ckpt = checkpoint.Checkpointer(str(tmp_path), c, note=notes.append)
     assert any("sealed step 2" in n for n in notes), notes
@@ -245,3 +250,49 @@ def test_process_killed_during_async_save_resumes_from_a_complete_step(tmp_path)
     # Step 2 was cut short (removed) or had committed (sealed now): either way a complete step.
     assert (int(state["step"]), data) in [(0, {"consumed": 8}), (1, {"consumed": 16})]
     assert subprocess.run(["heft", "verify", str(tmp_path)], capture_output=True).returncode == 0
+
+
+def _renamed_while_listed(tmp_path):
+    """A step folder holding a temporary name that another process renames into place (as process 0
+    writes the tokenizer) between process 1's listing and its hashing."""
+    step = tmp_path / "7"
+    step.mkdir()
+    (step / "state.bin").write_bytes(b"weights")
+    tmp = next(f".tokenizer.model.tmp-{i:08x}" for i in range(1000)
+               if custody.owner(f".tokenizer.model.tmp-{i:08x}", 2) == 1)
+    (step / tmp).write_bytes(b"tokenizer")
+    return step, tmp
+
+
+def test_a_file_renamed_away_while_another_host_hashes_its_share_is_left_to_process_0(tmp_path, monkeypatch):
+    step, tmp = _renamed_while_listed(tmp_path)
+    real = manifest.sha256_file
+
+    def racing(p, limit=None):
+        if p.name == tmp:  # process 0's rename lands just before process 1 opens the file
+            os.replace(step / tmp, step / "tokenizer.model")
+        return real(p, limit)
+
+    monkeypatch.setattr(manifest, "sha256_file", racing)
+    share = custody.hash_share(epath.Path(step), 1, 2)
+    assert tmp not in share and all(custody.owner(rel, 2) == 1 for rel in share)
+    # ...and a file gone between os.walk and its lstat is not an error either
+    monkeypatch.setattr(os, "walk", lambda *a, **k: iter([(str(step), [], ["state.bin", "gone"])]))
+    assert manifest.entries(epath.Path(step)) == (["state.bin"], [])
+
+
+def test_a_host_that_cannot_hash_its_share_stops_process_0s_seal_at_once(tmp_path, monkeypatch):
+    step, _ = _renamed_while_listed(tmp_path)
+    directory = epath.Path(step)
+
+    def denied(p, limit=None):
+        raise PermissionError(13, "Permission denied", str(p))
+
+    with monkeypatch.context() as m:
+        m.setattr(manifest, "sha256_file", denied)
+        with pytest.raises(PermissionError):
+            custody.seal(directory, {"step": 7}, 1, 2)
+    start = time.monotonic()
+    with pytest.raises(manifest.CheckpointError, match=r"process 1 could not hash its share .*Permission denied"):
+        custody.seal(directory, {"step": 7}, 0, 2, timeout=60)
+    assert time.monotonic() - start < 5 and not manifest.is_sealed(directory)

@@ -42,13 +42,29 @@ def owner(rel: str, process_count: int) -> int:
 
 
 def hash_share(directory: epath.Path, process_index: int, process_count: int) -> dict:
-    """{rel: {"sha256", "bytes"}} for this process's share of the checkpoint's files."""
-    return {rel: dict(zip(("sha256", "bytes"), manifest.sha256_file(directory / rel)))
-            for rel in manifest.content_files(directory) if owner(rel, process_count) == process_index}
+    """{rel: {"sha256", "bytes"}} for this process's share of the checkpoint's files.
+
+    A file that vanishes between the listing and its hashing is left out: process 0 writes files
+    (the tokenizer) through a temporary name while the others list, and it hashes whatever the
+    final listing holds that no share covered.
+    """
+    share = {}
+    for rel in manifest.content_files(directory):
+        if owner(rel, process_count) == process_index:
+            try:
+                share[rel] = dict(zip(("sha256", "bytes"), manifest.sha256_file(directory / rel)))
+            except FileNotFoundError:
+                continue
+    return share
 
 
 def _partial(directory: epath.Path, i: int) -> epath.Path:
     return directory / manifest.SCRATCH / f"process_{i}.json"
+
+
+def _report(directory: epath.Path, i: int, report: dict) -> None:
+    (directory / manifest.SCRATCH).mkdir(parents=True, exist_ok=True)
+    storage.write_json(_partial(directory, i), report)
 
 
 def _wait_for_partials(directory: epath.Path, process_count: int, timeout: float, cancelled) -> dict:
@@ -59,6 +75,9 @@ def _wait_for_partials(directory: epath.Path, process_count: int, timeout: float
         for i in range(1, process_count):
             if i not in found and _partial(directory, i).exists():
                 found[i] = storage.read_json(_partial(directory, i))
+                if "error" in found[i]:  # that host failed: say so now rather than at the timeout
+                    raise CheckpointError(f"process {i} could not hash its share of {directory} ({found[i]['error']}); "
+                                          "the checkpoint stays unsealed and the next start seals or removes it")
         if len(found) == process_count - 1:
             return found
         if cancelled():
@@ -81,14 +100,18 @@ def seal(directory: epath.Path, facts: dict, process_index: int, process_count: 
     if process_index == 0:
         for rel, data in (extra_files or {}).items():
             paths.write_bytes(directory / rel, data)
-    mine = hash_share(directory, process_index, process_count)
     if process_index != 0:
-        (directory / manifest.SCRATCH).mkdir(parents=True, exist_ok=True)
-        storage.write_json(_partial(directory, process_index), mine)
+        # Process 0 waits for this report, so a failure is reported too, in place of the hashes.
+        try:
+            report = {"files": hash_share(directory, process_index, process_count)}
+        except Exception as e:
+            _report(directory, process_index, {"error": (str(e).strip().splitlines() or [type(e).__name__])[0][:300]})
+            raise
+        _report(directory, process_index, report)
         return None
-    reported = dict(mine)
+    reported = hash_share(directory, process_index, process_count)
     for share in _wait_for_partials(directory, process_count, timeout, cancelled).values():
-        reported.update(share)
+        reported.update(share["files"])
     # The listing now is the truth: a share may name a file that was only transient, and files
     # process 0 wrote after another host listed (the tokenizer) are in no share.
     files = {}

@@ -141,7 +141,10 @@ def entries(directory: epath.Path) -> tuple[list[str], list[str]]:
         rel_dir = os.path.relpath(here, base)
         for name in sorted(dirs + names):
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            mode = os.lstat(os.path.join(here, name)).st_mode
+            try:
+                mode = os.lstat(os.path.join(here, name)).st_mode
+            except FileNotFoundError:  # gone since the listing: a temporary name renamed into place
+                continue
             if stat.S_ISLNK(mode) or (name in names and not stat.S_ISREG(mode)):
                 odd.append(_not_regular(directory, rel))
             elif name in names:

@@ -144,6 +144,10 @@ class Checkpointer:
                 why = (f"older than sealed step {newest}; a deletion or a save was cut short"
                        if newest is not None and step < newest else "its save was cut short")
                 plan["remove"].append([step, why])
+        if plan["seal"] is not None:
+            # A seal cut short leaves the hosts' reports (an error, say); the new seal starts without them,
+            # removed before the plan reaches the other processes and they begin to report.
+            (self.step_dir(plan["seal"]) / manifest.SCRATCH).rmtree(missing_ok=True)
         plan["run_id"] = self._run_id(plan["seal"] if plan["seal"] is not None else newest)
         return plan
 
