@@ -120,6 +120,8 @@ def xpk_steps(job: Job, name: str, image: str, topo, cluster: str, zone: str, pr
     for flag, value in (("image", image), ("cluster", cluster), ("zone", zone), ("project", project)):
         if not value:
             raise ConfigError(f"gke --xpk needs --{flag}")
+    for flag, value in (("cluster", cluster), ("zone", zone), ("project", project)):
+        shell.resource(flag, value)
     # xpk builds --script-dir into the image at /app, the command's working directory. The folder is
     # named as the user named the config (relative stays relative); without --config, the image's
     # heft has the default and nothing is built in.

@@ -10,10 +10,14 @@ user typed. Two rules make it safe by construction rather than by care at each c
 - `quote` is the only way a value becomes a word of shell text: `check`, then POSIX single quotes
   (shlex), so `$(...)`, backticks, `;` and quotes reach the command as one literal argument.
 
+- `resource` checks the names of cloud resources (a TPU, a zone, a project, a cluster) against
+  the forms Google Cloud gives them, so that none can start with `-` and reach gcloud as a flag.
+
 A here-document's end marker is chosen so that no line of its text equals it (`heredoc`). YAML is
 written by the YAML emitter (gke.py), never by formatting strings.
 """
 
+import re
 import shlex
 import unicodedata
 
@@ -55,3 +59,31 @@ def heredoc(text: str) -> tuple[str, str]:
         n += 1
         marker = f"HEFT_EOF_{n}"
     return marker, text if text.endswith("\n") else text + "\n"
+
+
+# Google Cloud's own forms (cloud.google.com/compute/docs/naming-resources, .../resource-manager/docs/
+# creating-managing-projects): lower-case letters, digits and '-', starting with a letter.
+RESOURCE = {
+    "tpu": (r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", "a TPU name: up to 63 lower-case letters, digits and '-', "
+                                                 "starting with a letter and not ending with '-'"),
+    "cluster": (r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", "a GKE cluster name: up to 40 lower-case letters, digits "
+                                                     "and '-', starting with a letter and not ending with '-'"),
+    "zone": (r"[a-z]+-[a-z]+[0-9]+-[a-z]", "a zone such as us-central2-b"),
+    "project": (r"([a-z0-9][-a-z0-9.]*[a-z0-9]:)?[a-z][-a-z0-9]{4,28}[a-z0-9]",
+                "a project ID: 6 to 30 lower-case letters, digits and '-', starting with a letter"),
+}
+
+
+def resource(flag: str, value: str) -> str:
+    """`value` of --`flag` (a key of RESOURCE), if it has the form Google Cloud gives such names; else
+    a ConfigError saying the form."""
+    pattern, form = RESOURCE[flag]
+    if not re.fullmatch(pattern, str(value)):
+        raise ConfigError(f"--{flag}={value!r} is not {form}")
+    return value
+
+
+def local_path(path: str) -> str:
+    """A path as a command's argument: one starting with '-' gets './' before it, or the command
+    would read it as an option."""
+    return "./" + path if path.startswith("-") else path

@@ -34,6 +34,7 @@ def steps(job: Job, tpu: str, zone: str, project: str, topo, slices: int = 1, qu
     for flag, value in (("tpu", tpu), ("zone", zone), ("project", project)):
         if not value:
             raise ConfigError(f"tpu-vm needs --{flag}: the TPU's name, zone and project")
+        shell.resource(flag, value)
     where = [f"--zone={zone}", f"--project={project}"]
     # One slice is a TPU VM; several are the nodes of one queued resource, reached through it.
     group = (["gcloud", "compute", "tpus", "tpu-vm"], ["--worker=all"]) if slices == 1 else \
@@ -53,7 +54,7 @@ def steps(job: Job, tpu: str, zone: str, project: str, topo, slices: int = 1, qu
     if job.config_file:  # else every worker's heft has the default config already
         remote = remote_config_name(job)
         out.append(Step("copy the config file to every worker", [
-            *group[0], "scp", job.config_path, f"{tpu}:{remote}", *where, *group[1]]))
+            *group[0], "scp", shell.local_path(job.config_path), f"{tpu}:{remote}", *where, *group[1]]))
     if setup:  # a shell command by design: the worker's shell runs it as given
         out.append(Step("set up every worker", [*group[0], "ssh", tpu, *where, *group[1], f"--command={setup}"]))
     train = job.train_argv(job.remote_config(remote) if remote else None)

@@ -103,12 +103,12 @@ def test_gke_with_xpk_is_one_xpk_workload_create():
     from heft.launch.job import Job
 
     job = Job(tiny.get_config(), os.path.join(ROOT, "configs", "tiny.py"), ("--config.mesh.slices=2",), "gs://b/run")
-    (step,) = gke.xpk_steps(job, "heft-tiny", "img", topology.parse("v5e:4x4"), "c1", "us-west4-a", "p", slices=2)
+    (step,) = gke.xpk_steps(job, "heft-tiny", "img", topology.parse("v5e:4x4"), "c1", "us-west4-a", "my-project", slices=2)
     assert step.argv == [
         "xpk", "workload", "create", "--cluster=c1", "--workload=heft-tiny", "--tpu-type=v5litepod-16",
         "--num-slices=2", "--base-docker-image=img", f"--script-dir={os.path.join(ROOT, 'configs')}",
         "--command=heft train --config=tiny.py --config.mesh.slices=2 --workdir=gs://b/run", "--max-restarts=3",
-        "--zone=us-west4-a", "--project=p"]
+        "--zone=us-west4-a", "--project=my-project"]
 
 
 def test_slurm_dry_run_is_an_sbatch_script_that_bash_accepts_with_one_task_per_gpu(gcs):

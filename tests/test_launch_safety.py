@@ -126,7 +126,7 @@ def test_tpu_vm_script_and_the_workers_command_pass_hostile_values_intact(hostil
     from heft.launch import topology, tpu_vm
     from heft.launch.job import script
 
-    job, tpu = hostile_job("gs://bkt"), f"tpu-{HOSTILE}"
+    job, tpu = hostile_job("gs://bkt"), "heft-v5p"  # a TPU's name has Google Cloud's form (below)
     setup = "pip install 'heft[tpu]' && echo \"$(hostname)\""  # a shell command by design, for the worker
     steps = tpu_vm.steps(job, tpu, "us-east5-a", "my-project", topology.parse("v5p:2x2x2"), slices=2, queued=True,
                          setup=setup)
@@ -160,7 +160,7 @@ def test_gke_manifest_and_xpk_command_carry_hostile_values_intact(hostile_job, t
     assert container["image"] == image
     assert container["command"] == _train_argv(job, f"/etc/heft/{key}")  # run by the container, no shell
 
-    steps = gke.xpk_steps(job, "heft-tiny", image, topology.parse("v5e:4x4"), "c1", "us-west4-a", "p")
+    steps = gke.xpk_steps(job, "heft-tiny", image, topology.parse("v5e:4x4"), "c1", "us-west4-a", "my-project")
     ((argv, _),) = _run(script(steps), tmp_path)
     assert argv[:3] == ["xpk", "workload", "create"] and "--script-dir=my configs" in argv  # as given
     (command,) = [a for a in argv if a.startswith("--command=")]
@@ -270,8 +270,39 @@ def test_tpu_vm_without_a_config_copies_nothing_and_names_none():
     from heft.launch.job import Job
 
     job = Job(tiny.get_config(), None, (), "gs://b/run", default_config=TINY)
-    (step,) = tpu_vm.steps(job, "t", "z", "p", topology.parse("v5p:2x2x1"))
+    (step,) = tpu_vm.steps(job, "t", "us-east5-a", "my-project", topology.parse("v5p:2x2x1"))
     assert step.argv[-1] == "--command=heft train --workdir=gs://b/run"
+
+
+@pytest.mark.parametrize("flag,value", [("tpu", "--help"), ("tpu", "-t"), ("tpu", "My_TPU"), ("zone", "--zone"),
+                                        ("project", "--impersonate-service-account=x@y.com"), ("cluster", "-c")])
+def test_a_cloud_name_that_could_reach_gcloud_or_xpk_as_a_flag_is_refused_in_one_line(flag, value):
+    from heft.configs import tiny
+    from heft.launch import gke, topology, tpu_vm
+    from heft.launch.job import Job
+    from heft.model.checks import ConfigError
+
+    job = Job(tiny.get_config(), None, (), "gs://b/run", default_config=TINY)
+    names = {"tpu": "t", "zone": "us-east5-a", "project": "my-project", "cluster": "c1", flag: value}
+    with pytest.raises(ConfigError, match=f"^--{flag}={re.escape(repr(value))} is not a") as e:
+        if flag == "cluster":
+            gke.xpk_steps(job, "heft-tiny", "img", topology.parse("v5e:4x4"), names["cluster"], names["zone"],
+                          names["project"])
+        else:
+            tpu_vm.steps(job, names["tpu"], names["zone"], names["project"], topology.parse("v5p:2x2x1"))
+    assert "\n" not in str(e.value)
+
+
+def test_a_config_file_named_like_an_option_reaches_scp_as_a_path(tmp_path, monkeypatch):
+    from heft.configs import tiny
+    from heft.launch import topology, tpu_vm
+    from heft.launch.job import Job
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(TINY, tmp_path / "-r.py")
+    job = Job(tiny.get_config(), "-r.py", (), "gs://b/run")
+    copy, _ = tpu_vm.steps(job, "t", "us-east5-a", "my-project", topology.parse("v5p:2x2x1"))
+    assert copy.argv[5:7] == ["./-r.py", "t:heft--r.py"], copy.argv
 
 
 def _closed_port() -> int:
