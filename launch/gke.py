@@ -114,14 +114,19 @@ def steps(job: Job, name: str, image: str, topo, slices: int = 1, max_restarts: 
                  ["kubectl", "apply", "-f", "-"], manifest(job, name, image, topo, slices, max_restarts))]
 
 
-def xpk_steps(job: Job, name: str, image: str, topo, cluster: str, zone: str, project: str, slices: int = 1,
-              max_restarts: int = 3) -> list[Step]:
-    """The same workload through xpk, which writes its own JobSet."""
+def check_xpk(image: str, cluster: str, zone: str, project: str) -> None:
+    """Each of xpk's flags given, the cloud names in Google Cloud's form (none can reach xpk as a flag)."""
     for flag, value in (("image", image), ("cluster", cluster), ("zone", zone), ("project", project)):
         if not value:
             raise ConfigError(f"gke --xpk needs --{flag}")
     for flag, value in (("cluster", cluster), ("zone", zone), ("project", project)):
         shell.resource(flag, value)
+
+
+def xpk_steps(job: Job, name: str, image: str, topo, cluster: str, zone: str, project: str, slices: int = 1,
+              max_restarts: int = 3) -> list[Step]:
+    """The same workload through xpk, which writes its own JobSet."""
+    check_xpk(image, cluster, zone, project)
     # xpk builds --script-dir into the image at /app, the command's working directory. The folder is
     # named as the user named the config (relative stays relative); without --config, the image's
     # heft has the default and nothing is built in.

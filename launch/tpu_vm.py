@@ -29,12 +29,17 @@ def remote_config_name(job: Job) -> str:
     return "heft-" + job.copy_name
 
 
-def steps(job: Job, tpu: str, zone: str, project: str, topo, slices: int = 1, queued: bool = False,
-          runtime_version: str | None = None, setup: str | None = None) -> list[Step]:
+def check_names(tpu: str, zone: str, project: str) -> None:
+    """Each given, in Google Cloud's form (none can reach gcloud as a flag)."""
     for flag, value in (("tpu", tpu), ("zone", zone), ("project", project)):
         if not value:
             raise ConfigError(f"tpu-vm needs --{flag}: the TPU's name, zone and project")
         shell.resource(flag, value)
+
+
+def steps(job: Job, tpu: str, zone: str, project: str, topo, slices: int = 1, queued: bool = False,
+          runtime_version: str | None = None, setup: str | None = None) -> list[Step]:
+    check_names(tpu, zone, project)
     where = [f"--zone={zone}", f"--project={project}"]
     # One slice is a TPU VM; several are the nodes of one queued resource, reached through it.
     group = (["gcloud", "compute", "tpus", "tpu-vm"], ["--worker=all"]) if slices == 1 else \

@@ -136,6 +136,14 @@ def plan_launch(backend: str, job, f) -> tuple[list, str]:
         from heft.launch import slurm
 
         slurm.check_options(f.partition, f.time)
+    elif backend == "tpu-vm":
+        from heft.launch import tpu_vm
+
+        tpu_vm.check_names(f.tpu, f.zone, f.project)
+    elif backend == "gke" and f.xpk:
+        from heft.launch import gke
+
+        gke.check_xpk(f.image, f.cluster, f.zone, f.project)
     slices = job.config.mesh.slices
     if backend == "local":
         from heft.launch import local
