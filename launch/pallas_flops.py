@@ -27,9 +27,12 @@ def causal_share(length: int, block: int) -> float:
 def flops(kernel) -> float:
     """FLOPs of one run of `kernel` (costs.Kernel) on one chip; 0 for a kernel heft does not know."""
     matmuls = next((k for prefix, k in MATMULS if kernel.name.startswith(prefix)), 0)
-    arrays = [shape for dtype, shape in kernel.operands if dtype.startswith(("f", "bf")) and len(shape) == 4]
-    if not matmuls or len(arrays) < 2:
+    # q [batch, heads, length, head_dim], then k; with one sequence per chip Pallas' batching drops the
+    # size-1 batch axis and they arrive as [heads, length, head_dim].
+    arrays = [tuple(shape) for dtype, shape in kernel.operands if dtype.startswith(("f", "bf")) and len(shape) in (3, 4)]
+    if not matmuls or len(arrays) < 2 or len(arrays[0]) != len(arrays[1]):
         return 0.0
-    (batch, heads, q_length, head_dim), kv_length = arrays[0], arrays[1][2]  # q, then k
+    q, k = ((1, *a) if len(a) == 3 else a for a in arrays[:2])
+    (batch, heads, q_length, head_dim), kv_length = q, k[2]
     return 2.0 * matmuls * batch * heads * q_length * kv_length * head_dim * causal_share(
         q_length, splash_block(q_length))

@@ -87,3 +87,8 @@ def test_splash_kernel_flops_follow_its_matmuls_and_the_causal_blocks():
     assert pallas_flops.flops(Kernel("splash_mha_dkv_segmented_no_residuals.1", [q, k, k])) == pytest.approx(
         4 * one * share)
     assert pallas_flops.flops(Kernel("some_other_kernel.1", [q, k, k])) == 0
+    # One sequence per chip: Pallas' batching hands the kernel [heads, length, head_dim] operands.
+    q1, k1 = ("bf16", q[1][1:]), ("bf16", k[1][1:])
+    assert pallas_flops.flops(Kernel("splash_mha_fwd_residuals.2", [q1, k1, k1, ("s32", (8192,))])) == pytest.approx(
+        one * share)
+    assert pallas_flops.flops(Kernel("splash_mha_dkv_no_residuals.2", [q1, k1, k1])) == pytest.approx(2 * one * share)
