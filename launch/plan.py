@@ -161,9 +161,33 @@ class Plan:
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "executable"}
         for name in ("fits", "shortfall", "compute_seconds", "memory_seconds", "dcn_seconds", "exposed_seconds",
-                     "step_seconds", "bound", "tokens_per_second_per_chip", "mfu", "overrides"):
+                     "step_seconds", "bound", "tokens_per_second_per_chip", "mfu", "error_bar", "overrides"):
             d[name] = getattr(self, name)
         return d
+
+    @property
+    def error_bar(self) -> str:
+        """How far the MFU can be trusted, from the chip's validation (train/chips.py): an error bar
+        where the validation covers this plan, else "uncalibrated" and why."""
+        cal = chips.CHIPS[self.chip].calibration if self.chip in chips.CHIPS else None
+        if cal is None:
+            return f"uncalibrated: no published {self.chip} run is fitted, so this is a ceiling"
+        outside = [what for what, out in ((f"remat={self.remat}", self.remat not in cal.remats),
+                                          (f"{self.slices} slices", self.slices > 1)) if out]
+        if outside:
+            return (f"uncalibrated: {' and '.join(outside)} is outside the published {self.chip} runs fitted "
+                    f"(remat {'/'.join(cal.remats)}, one slice; {cal.source})")
+        held_out = (f"leave-one-out error {cal.leave_one_out:.1f} points on average, {cal.worst:.1f} at worst, "
+                    f"over {cal.runs} published {self.chip} runs")
+        if not cal.validated:
+            why = "too few runs to validate" if cal.runs < 3 else f"no better than their mean MFU ({cal.null:.1f})"
+            return f"uncalibrated: {held_out}; {why} ({cal.source})"
+        return f"±{cal.leave_one_out:.1f} points ({held_out}; {cal.source})"
+
+    @property
+    def error_bar_short(self) -> str:
+        """`error_bar` in a word or two, for one-line notes: "±N points" or "uncalibrated"."""
+        return self.error_bar.split(" (")[0] if self.error_bar.startswith("±") else "uncalibrated"
 
     def advice(self) -> str:
         """What to change when it does not fit, from where the bytes go."""
@@ -403,6 +427,7 @@ def table(p: Plan) -> str:
         f"{(p.dcn_seconds or 0.0) * 1e3:>8,.1f}ms {p.exposed_seconds * 1e3:>8,.1f}ms {p.step_seconds * 1e3:>8,.1f}ms",
         f"predicted: {p.step_seconds * 1e3:,.1f} ms/step, {p.bound}-bound, "
         f"{p.tokens_per_second_per_chip:,.0f} tokens/s/chip, MFU {p.mfu:.1%}",
+        f"  MFU's error bar: {p.error_bar}",
         f"  the config's {p.steps:,} steps: {p.steps * p.step_seconds / 3600:,.1f} hours on "
         f"{'this slice' if p.slices == 1 else 'these slices'}",
         f"chip peaks: {chip.source}; ICI: {chip.ici_source}"

@@ -126,4 +126,4 @@ def check_fit(job, topology_name: str) -> str:
         raise ConfigError(f"this run does not fit {topology_name}:\n{plan.table(p)}")
     where = topology_name if p.slices == 1 else f"{p.slices} x {topology_name}"
     return (f"fits {where}: {p.total / 2**30:,.2f} of {p.hbm / 2**30:,.2f} GiB per chip; predicted "
-            f"{p.step_seconds * 1e3:,.1f} ms/step, MFU {p.mfu:.1%} (heft plan for the table)")
+            f"{p.step_seconds * 1e3:,.1f} ms/step, MFU {p.mfu:.1%}, {p.error_bar_short} (heft plan for the table)")

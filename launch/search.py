@@ -172,4 +172,6 @@ def table(s: Search) -> str:
             f"{_name((p.mesh['data'], p.mesh['fsdp'], p.mesh['tensor']))} remat={p.remat} "
             f"micro={p.micro_batches} (+{p.shortfall / 2**30:,.1f} GiB)" for p in misses))
     rows += [f"skipped: {reason}" for reason in s.skipped]
+    if ranked:
+        rows.append(f"MFU's error bar (the first row's): {ranked[0].error_bar}")
     return "\n".join(rows)

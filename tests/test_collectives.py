@@ -75,6 +75,41 @@ def test_collectives_hide_under_the_work_of_their_loop_body_and_only_the_rest_is
     assert _plan([dict(hidden, hbm=0.2)]).bound == "memory"
 
 
+def test_every_plan_says_its_error_bar_or_uncalibrated_and_why():
+    import dataclasses
+
+    from heft.train import chips
+
+    p = _plan([{"name": "entry", "trips": 1, "compute": 0.01, "hbm": 0.02, "ici": 0.03, "dcn": 0.0}])
+    cal = chips.CHIPS["v5p"].calibration  # 4 runs, fitted but no better than their mean held out
+    assert p.error_bar.startswith(f"uncalibrated: leave-one-out error {cal.leave_one_out:.1f} points on average")
+    assert "no better than their mean MFU" in p.error_bar and p.error_bar_short == "uncalibrated"
+    assert dataclasses.replace(p, chip="v5e").error_bar == "uncalibrated: no published v5e run is fitted, so this is a ceiling"
+    assert dataclasses.replace(p, chip="v6e").error_bar.endswith("too few runs to validate (bench/RESULTS.md, Calibration)")
+    assert "remat=save_dot_except_mlpwi and 2 slices is outside" in dataclasses.replace(
+        p, remat="save_dot_except_mlpwi", slices=2).error_bar
+    good = chips.Calibration(12, leave_one_out=3.0, worst=7.5, null=6.0, remats=("full",))
+    chips_v5p = dataclasses.replace(chips.CHIPS["v5p"], calibration=good)
+    try:
+        chips.CHIPS["v5p"] = chips_v5p
+        assert p.error_bar.startswith("±3.0 points (leave-one-out error 3.0 points on average, 7.5 at worst, over 12")
+        assert p.error_bar_short == "±3.0 points"
+    finally:
+        chips.CHIPS["v5p"] = dataclasses.replace(chips_v5p, calibration=cal)
+    p = dataclasses.replace(p, mesh={"slices": 1, "data": 1, "fsdp": 4, "expert": 1, "tensor": 1})
+    assert p.to_json()["error_bar"] == p.error_bar
+
+
+def test_gpu_boards_are_told_apart_by_form_and_memory():
+    from heft.train import chips
+
+    got = {kind: chips.by_kind(kind) for kind in ("NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-40GB",
+                                                  "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL")}
+    assert got["NVIDIA A100-SXM4-40GB"].hbm_bandwidth < 0.8 * got["NVIDIA A100-SXM4-80GB"].hbm_bandwidth
+    assert got["NVIDIA A100-SXM4-40GB"].hbm_bytes == 40 * 10**9
+    assert len({c.name for c in got.values()}) == 5 and chips.by_kind("NVIDIA A10") is None
+
+
 def test_splash_kernel_flops_follow_its_matmuls_and_the_causal_blocks():
     q, k = ("bf16", (2, 8, 8192, 128)), ("bf16", (2, 1, 8192, 128))
     ids = ("s32", (2, 8192))
