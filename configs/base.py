@@ -176,6 +176,10 @@ def get_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 500
     t.on_nonfinite = "stop"  # stop | skip: what a NaN or Inf loss does
     t.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 measures this machine's matmul peak
+    # A jax.profiler trace of steps FIRST..STOP-1 (e.g. "10:13"), into WORKDIR/tensorboard/plugins/profile
+    # for TensorBoard's profile plugin or XProf; "" traces nothing. On the processes profile_hosts names.
+    t.profile_steps = ""
+    t.profile_hosts = "0"  # "all", or process indices: "0,3"
     # JAX's persistent compilation cache: "" = $JAX_COMPILATION_CACHE_DIR or ~/.cache/heft/compile;
     # a gs:// folder lets every host of a pod, and every restart, reuse one compile; "none" turns it off.
     t.compilation_cache = ""

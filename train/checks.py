@@ -106,6 +106,9 @@ def check_train(config) -> None:
     if t.batch_size % t.micro_batches:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.micro_batches="
                           f"{t.micro_batches}; pick a micro-batch count that divides the batch")
+    from heft.train import profile
+
+    profile.check(config)
     if config.model.positions == "learned" and t.seq_len > config.model.max_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_len={config.model.max_len} (learned "
                           "positions); raise max_len or lower seq_len")

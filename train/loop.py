@@ -35,7 +35,7 @@ from heft.data import loader as data_loader
 from heft.data import paths
 from heft.data import processes as data_processes
 from heft.data.errors import PrepareStopped
-from heft.train import checkpoint, checks, compiled, goodput, hosts, lock, metrics, peak, remat, sharding, size
+from heft.train import checkpoint, checks, compiled, goodput, hosts, lock, metrics, peak, profile, remat, sharding, size
 from heft.train import state as train_state
 
 
@@ -170,6 +170,7 @@ class _Session:
     machine_peak: float  # FLOP/s of all devices, before the run remeasures it
     compile_s: float
     start: int  # the step this session starts from
+    profiler: profile.Profiler  # train.profile_steps
 
     @property
     def tokens_per_step(self) -> int:
@@ -269,8 +270,9 @@ def _build(config, mesh, workdir, ckpt, resume, prepared, new_corpus, held, trai
     writer = metrics.Writer(workdir, start)
     writer.write(start, goodput.startup_row(compile_s))
     progress = metrics.Progress(t.steps, start)
+    profiler = profile.Profiler(config, workdir, jax.process_index(), jax.process_count(), start)
     session = _Session(config, mesh, program, step_fn, prepared, ckpt, held, loader, writer, progress,
-                       batch_sharding, report, machine_peak, compile_s, start)
+                       batch_sharding, report, machine_peak, compile_s, start, profiler)
     return session, state
 
 
@@ -347,11 +349,17 @@ def _due(step: int, every: int, steps: int) -> bool:
 def _step(s: _Session, tally: _Tally, state) -> tuple:
     """(state, metrics) after one step, dispatched; the step before it checked finite."""
     batch = data_loader.global_batch(s.loader.next(), s.batch_sharding)
+    s.profiler.before(tally.step + 1)
     state, step_metrics = s.step_fn(state, *s.program.frozen, batch)
     tally.step += 1
     tally.interval_steps += 1
     _settle(tally, s.config.train, s.progress)
     tally.pending = (tally.step, step_metrics)
+    if s.profiler.stops_after(tally.step):
+        traced, trace_s = goodput.timed(state, s.profiler.save)  # the trace's steps finish first
+        s.writer.write(tally.step, {"profile": traced})
+        s.progress.note(f"step {tally.step}: profile of steps {s.profiler.range[0]} to {tally.step} written to {traced}")
+        tally.paused += trace_s  # writing the trace out is not step time
     return state, step_metrics
 
 
@@ -374,6 +382,8 @@ def _log(s: _Session, tally: _Tally, step_metrics: dict) -> None:
         tokens_seen=tally.step * s.tokens_per_step,
         train_s=elapsed,  # goodput: seconds in steps since the previous row
     )
+    if profiled := s.profiler.covers(tally.step - tally.interval_steps + 1, tally.step):
+        values["profiled_steps"] = profiled  # traced steps run slower: not a regression
     tally.losses.append(values["loss"])
     s.writer.write(tally.step, values)
     s.progress.update(tally.step, values)
@@ -453,6 +463,7 @@ def _failure(e: Exception, ckpt, writer, step: int) -> Exception | None:
 
 
 def _close(s: _Session) -> None:
+    s.profiler.close()
     s.loader.close()
     s.progress.close()
     try:
